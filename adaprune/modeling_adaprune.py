@@ -1,0 +1,485 @@
+"""LLaVA with E-AdaPrune visual-token pruning, as drop-in transformers models.
+
+`get_image_features` computes each image's budget and kept tokens and returns only the kept projected features.
+The prefill `forward` then removes the dropped image placeholders from the sequence (embeddings, attention mask,
+position ids, labels), re-pads rows on the left and runs the language model on the shorter batch.
+`_update_model_kwargs_for_generation` hands `generate()` the compacted mask and positions after prefill, so the
+cache, the mask and RoPE positions stay aligned while the returned sequences keep the caller's full prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, LlavaForConditionalGeneration, LlavaModel
+from transformers.cache_utils import Cache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaModelOutputWithPast,
+    LlavaPreTrainedModel,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_adaprune import AdaPruneConfig, PruningSettings
+from .image_pruning import prune_images
+from .sequence_compaction import (
+    CompactionPlan,
+    compacted_position_ids,
+    images_per_row,
+    left_compaction,
+    placeholder_keep_flags,
+)
+from .token_selection import get_selector
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
+    """`get_image_features` output: `pooler_output` holds each image's kept projected features.
+
+    token_budgets: (n_images,) number of tokens each image keeps.
+    kept_indices: per image, the ascending indices of its kept tokens among its unpruned tokens.
+    tokens_per_image: per image, its number of unpruned tokens (= its placeholders in the prompt).
+    """
+
+    token_budgets: torch.LongTensor | None = None
+    kept_indices: list[torch.LongTensor] | None = None
+    tokens_per_image: list[int] | None = None
+
+    def select_images(self, order: list[int]) -> AdaPruneImageFeaturesOutput:
+        """The same output for the images in `order` (repeats allowed), as beam search needs."""
+        return AdaPruneImageFeaturesOutput(
+            pooler_output=[self.pooler_output[image] for image in order],
+            token_budgets=self.token_budgets[torch.as_tensor(order, device=self.token_budgets.device)],
+            kept_indices=[self.kept_indices[image] for image in order],
+            tokens_per_image=[self.tokens_per_image[image] for image in order],
+        )
+
+
+@dataclass
+class PrunedSequenceFields:
+    """How the prefill batch was compacted: the mask and positions the language model saw, and for each of its
+    positions the position of the caller's sequence it came from (`source_index`, -1 at added padding)."""
+
+    pruned_attention_mask: torch.LongTensor | None = None
+    pruned_position_ids: torch.LongTensor | None = None
+    source_index: torch.LongTensor | None = None
+    token_budgets: torch.LongTensor | None = None
+
+
+@dataclass
+class AdaPruneModelOutputWithPast(LlavaModelOutputWithPast, PrunedSequenceFields):
+    """`LlavaModelOutputWithPast` plus the compaction of the prefill batch."""
+
+
+@dataclass
+class AdaPruneCausalLMOutputWithPast(LlavaCausalLMOutputWithPast, PrunedSequenceFields):
+    """`LlavaCausalLMOutputWithPast` plus the compaction of the prefill batch; logits are over the compacted batch."""
+
+
+def _is_pruned(image_output: Any) -> bool:
+    return getattr(image_output, "kept_indices", None) is not None
+
+
+def _projector_input(hidden_states: tuple[torch.Tensor, ...], layer: int | list[int], strategy: str) -> torch.Tensor:
+    """The vision features LLaVA feeds its projector, rebuilt from the tower's selected hidden states."""
+    layers = [layer] if isinstance(layer, int) else layer
+    selected = [hidden_states[index] for index in layers]
+    if strategy == "default":
+        selected = [states[:, 1:] for states in selected]
+    return torch.cat(selected, dim=-1)
+
+
+def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    for owner in (getattr(vision_tower, "vision_model", None), vision_tower):
+        layers = getattr(getattr(owner, "encoder", None), "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"selector 'cls_attention' cannot find the encoder layers of vision tower {type(vision_tower).__name__}; "
+        "use selector='uniform' with this model"
+    )
+
+
+def _cls_attention_module(vision_tower: nn.Module, layer: int | list[int]) -> nn.Module:
+    """The attention module whose output is hidden state `layer` (the deepest one if several are listed)."""
+    tower_name = type(vision_tower).__name__
+    embeddings = getattr(getattr(vision_tower, "vision_model", vision_tower), "embeddings", None)
+    if getattr(embeddings, "class_embedding", None) is None:
+        raise ValueError(
+            f"selector 'cls_attention' needs a vision tower with a [CLS] token, and {tower_name} has none; "
+            "use selector='uniform' with this model"
+        )
+    layers = _encoder_layers(vision_tower)
+    indices = [layer] if isinstance(layer, int) else layer
+    hidden_index = max(index % (len(layers) + 1) for index in indices)
+    if hidden_index == 0:
+        raise ValueError(
+            f"selector 'cls_attention' needs an attention layer before vision_feature_layer={layer!r}, which is the "
+            "embedding output; use selector='uniform' with this layer"
+        )
+    attention = getattr(layers[hidden_index - 1], "self_attn", None)
+    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "scale")):
+        raise ValueError(
+            f"selector 'cls_attention' cannot read queries and keys from {tower_name}'s attention layers; "
+            "use selector='uniform' with this model"
+        )
+    return attention
+
+
+def cls_attention_scores(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Attention of the [CLS] query (token 0) to every token, averaged over heads: (n, T, C) -> (n, T) float32."""
+    batch, length = hidden_states.shape[:2]
+    query = attention.q_proj(hidden_states[:, :1]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+    keys = attention.k_proj(hidden_states).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    logits = (query.float() @ keys.float().mT) * attention.scale
+    return logits.softmax(-1).mean(1).squeeze(1)
+
+
+@contextmanager
+def _capturing_cls_attention(attention: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Records the [CLS] attention of `attention` while the tower runs under any attention backend (e.g. SDPA)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        with torch.no_grad():
+            captured["cls_attention"] = cls_attention_scores(module, hidden_states)
+
+    handle = attention.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class AdaPruneLlavaModel(LlavaModel):
+    """`LlavaModel` whose image features are pruned per image and whose prefill runs on the shortened sequence."""
+
+    config_class = AdaPruneConfig
+    config: AdaPruneConfig
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Stock image features with each image cut to its budget: `pooler_output` holds the kept projected
+        features, and `token_budgets`, `kept_indices` and `tokens_per_image` say what was kept."""
+        settings = self.config.pruning
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = (
+            self.config.vision_feature_select_strategy
+            if vision_feature_select_strategy is None
+            else vision_feature_select_strategy
+        )
+        stock_kwargs = dict(
+            pixel_values=pixel_values,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+            image_sizes=image_sizes,
+            return_dict=True,
+            **kwargs,
+        )
+        if not settings.enabled:
+            return super().get_image_features(**stock_kwargs)
+
+        selector = get_selector(settings.selector)
+        signals: dict[str, torch.Tensor] = {}
+        if "cls_attention" in selector.required_signals:
+            with _capturing_cls_attention(_cls_attention_module(self.vision_tower, layer)) as signals:
+                output = super().get_image_features(**stock_kwargs)
+            if strategy == "default":
+                signals["cls_attention"] = signals["cls_attention"][:, 1:]
+        else:
+            output = super().get_image_features(**stock_kwargs)
+        return self._prune(output, signals, settings, layer, strategy)
+
+    def _prune(
+        self,
+        output: BaseModelOutputWithPooling,
+        signals: dict[str, torch.Tensor],
+        settings: PruningSettings,
+        layer: int | list[int],
+        strategy: str,
+    ) -> AdaPruneImageFeaturesOutput:
+        token_counts = {len(features) for features in output.pooler_output}
+        if len(token_counts) > 1:
+            raise ValueError(
+                f"images have different numbers of visual tokens {sorted(token_counts)}; the LLaVA pruning model "
+                "needs equal-size images (omit image_sizes), or use the LLaVA-NeXT variant"
+            )
+        projected = torch.stack(list(output.pooler_output))
+        vision = _projector_input(output.hidden_states, layer, strategy)
+        spectrum_features = vision if settings.spectrum_source == "vision" else projected
+        pruning = prune_images(spectrum_features, signals, settings, checked_features=(projected,))
+        return AdaPruneImageFeaturesOutput(
+            last_hidden_state=output.last_hidden_state,
+            pooler_output=pruning.kept_rows(projected),
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+            token_budgets=pruning.token_budgets,
+            kept_indices=pruning.kept_indices,
+            tokens_per_image=[projected.shape[1]] * projected.shape[0],
+        )
+
+    def image_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.BoolTensor:
+        """(B, L) mask of the image placeholder tokens, from the ids or, failing those, the embeddings."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs: Any,
+    ) -> tuple | LlavaModelOutputWithPast:
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+                return_dict=True,
+            )
+        image_output = mm_encoder_outputs.get("image")
+        if not _is_pruned(image_output):
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                mm_encoder_outputs=mm_encoder_outputs or None,
+                **kwargs,
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        _check_prefill_cache(past_key_values)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        elif attention_mask.ndim != 2:
+            raise ValueError(
+                f"pruning needs a 2-D (batch, sequence) attention_mask, got shape {tuple(attention_mask.shape)}; "
+                "pass the processor's attention_mask"
+            )
+
+        placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
+        _check_placeholder_count(placeholders, image_output.tokens_per_image)
+        kept_placeholders = torch.zeros_like(placeholders)
+        kept_placeholders[placeholders] = placeholder_keep_flags(image_output.kept_indices, image_output.tokens_per_image)
+        image_features = torch.cat(list(image_output.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(kept_placeholders.unsqueeze(-1), image_features)
+
+        keep = attention_mask.bool() & (~placeholders | kept_placeholders)
+        plan = left_compaction(keep)
+        positions = compacted_position_ids(plan, keep, attention_mask, position_ids, self.config.pruning.position_policy)
+        outputs = self.language_model(
+            inputs_embeds=plan.gather(inputs_embeds),
+            attention_mask=plan.attention_mask,
+            position_ids=positions,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        return AdaPruneModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            pruned_attention_mask=plan.attention_mask,
+            pruned_position_ids=positions,
+            source_index=plan.source_index,
+            token_budgets=image_output.token_budgets,
+        )
+
+
+def _check_prefill_cache(past_key_values: Cache | None) -> None:
+    if past_key_values is None:
+        return
+    if getattr(past_key_values, "is_compileable", False):
+        raise ValueError(
+            f"visual-token pruning cannot run with a {type(past_key_values).__name__}: pruning changes the prefill "
+            "length per batch, and static caches need fixed shapes; use the default dynamic cache "
+            "(drop cache_implementation='static')"
+        )
+    if past_key_values.get_seq_length() > 0:
+        raise ValueError(
+            f"visual-token pruning happens at prefill, but the cache already holds {past_key_values.get_seq_length()} "
+            "tokens; start from an empty cache (no chunked prefill, no continuing a cached conversation with new images)"
+        )
+
+
+def _check_placeholder_count(placeholders: torch.BoolTensor, tokens_per_image: list[int]) -> None:
+    n_placeholders = int(placeholders.sum())
+    if n_placeholders != sum(tokens_per_image):
+        raise ValueError(
+            f"the prompt has {n_placeholders} image placeholder tokens, but its {len(tokens_per_image)} images need "
+            f"{sum(tokens_per_image)} ({tokens_per_image} per image); build the inputs with the model's processor so "
+            "every image has its placeholders"
+        )
+
+
+class AdaPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration, GenerationMixin):
+    """`LlavaForConditionalGeneration` with E-AdaPrune: same inputs, same `generate()`, shorter prefill."""
+
+    config_class = AdaPruneConfig
+    config: AdaPruneConfig
+
+    def __init__(self, config: AdaPruneConfig) -> None:
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = AdaPruneLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs: Any,
+    ) -> tuple | LlavaCausalLMOutputWithPast:
+        """Stock forward; with images, logits (and `labels`) are over the compacted batch, see `source_index`."""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        plan = None
+        if getattr(outputs, "source_index", None) is not None:
+            plan = CompactionPlan(source_index=outputs.source_index, attention_mask=outputs.pruned_attention_mask)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            if plan is not None:
+                labels = plan.gather(labels, pad_value=IGNORE_INDEX)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return AdaPruneCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            pruned_attention_mask=getattr(outputs, "pruned_attention_mask", None),
+            pruned_position_ids=getattr(outputs, "pruned_position_ids", None),
+            source_index=getattr(outputs, "source_index", None),
+            token_budgets=getattr(outputs, "token_budgets", None),
+        )
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, refusing the options that cannot work with a shortened prefill."""
+        has_images = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
+        if has_images and self.config.pruning.enabled:
+            generation_config = kwargs.get("generation_config") or self.generation_config
+            for option in ("prefill_chunk_size", "assistant_model", "prompt_lookup_num_tokens"):
+                value = kwargs.get(option, getattr(generation_config, option, None))
+                if value is not None:
+                    raise ValueError(
+                        f"{option}={value!r} cannot be combined with visual-token pruning, which shortens the prefill "
+                        f"sequence; leave {option} unset, or disable pruning (config.enabled=False)"
+                    )
+        return super().generate(*args, **kwargs)
+
+    def _expand_multimodal_outputs(
+        self,
+        input_ids: torch.LongTensor,
+        mm_encoder_output: dict,
+        expand_size: int = 1,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> dict:
+        image_output = mm_encoder_output.get("image")
+        if not _is_pruned(image_output):
+            return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
+        placeholders_per_row = self.model.image_placeholder_mask(input_ids, inputs_embeds).sum(-1).tolist()
+        groups = images_per_row(placeholders_per_row, image_output.tokens_per_image)
+        order = [image for group in groups for _ in range(expand_size) for image in group]
+        return {**mm_encoder_output, "image": image_output.select_images(order)}
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: Any,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict[str, Any]:
+        if getattr(outputs, "pruned_attention_mask", None) is not None and outputs.past_key_values is not None:
+            model_kwargs["attention_mask"] = outputs.pruned_attention_mask
+            model_kwargs["position_ids"] = outputs.pruned_position_ids
+        return super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+
+
+def _register_checkpoint_renames() -> None:
+    """Stock llava checkpoints use transformers-4 weight names, renamed on load by model type and class name;
+    a new model type (or remote code) gets no renames unless registered, and would load random weights."""
+    for ours, stock in (("llava_adaprune", "llava"), ("AdaPruneLlavaModel", "LlavaModel")):
+        register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(stock), overwrite=True)
+
+
+_register_checkpoint_renames()
+AdaPruneConfig.register_for_auto_class()
+AdaPruneLlavaModel.register_for_auto_class("AutoModel")
+AdaPruneLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "AdaPruneCausalLMOutputWithPast",
+    "AdaPruneImageFeaturesOutput",
+    "AdaPruneLlavaForConditionalGeneration",
+    "AdaPruneLlavaModel",
+    "AdaPruneModelOutputWithPast",
+]

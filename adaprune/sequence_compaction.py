@@ -1,0 +1,113 @@
+"""Removing dropped positions from a padded batch of sequences.
+
+A `CompactionPlan` records, for every position of the shorter left-padded batch, which position of the original
+batch it came from. The same plan then compacts embeddings, masks, labels and position ids, and maps outputs back
+(``source_index``). Rows may keep different numbers of tokens; the shorter ones are padded on the left, so the
+last column holds every row's last real token, as `generate()` expects. Plans compose, so a later stage (e.g. a
+decoder layer that drops more tokens) can compact an already compacted batch again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+POSITION_POLICIES = ("compact", "original")
+
+
+@dataclass(frozen=True)
+class CompactionPlan:
+    """Maps a compacted (B, L') batch to the original (B, L) one.
+
+    source_index: original position of each compacted position, -1 at padding.
+    attention_mask: 1 at real tokens, 0 at the left padding that compaction introduced.
+    """
+
+    source_index: torch.LongTensor
+    attention_mask: torch.LongTensor
+
+    @property
+    def is_padding(self) -> torch.BoolTensor:
+        return self.source_index < 0
+
+    def gather(self, values: torch.Tensor, pad_value: float | int = 0) -> torch.Tensor:
+        """Compacts a (B, L, ...) tensor along dim 1, writing `pad_value` at padding."""
+        index = self.source_index.clamp_min(0)
+        index = index.view(*index.shape, *([1] * (values.ndim - 2))).expand(*index.shape, *values.shape[2:])
+        gathered = torch.gather(values, 1, index)
+        padding = self.is_padding.view(*index.shape[:2], *([1] * (values.ndim - 2)))
+        return gathered.masked_fill(padding, pad_value)
+
+
+def left_compaction(keep: torch.Tensor) -> CompactionPlan:
+    """Plan that keeps the True positions of `keep` (B, L) in order, right-aligned, padded on the left."""
+    batch, length = keep.shape
+    kept_per_row = keep.sum(-1)
+    new_length = int(kept_per_row.max()) if batch else 0
+    order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, length - new_length :]
+    kept = torch.gather(keep, 1, order)
+    return CompactionPlan(source_index=order.masked_fill(~kept, -1), attention_mask=kept.long())
+
+
+def placeholder_keep_flags(kept_indices: Sequence[torch.Tensor], tokens_per_image: Sequence[int]) -> torch.Tensor:
+    """One flag per image placeholder, in placeholder order (images one after another): is it kept?"""
+    offsets = [0, *accumulate(tokens_per_image)]
+    device = kept_indices[0].device if kept_indices else None
+    flags = torch.zeros(offsets[-1], dtype=torch.bool, device=device)
+    if kept_indices:
+        flags[torch.cat([indices + offset for indices, offset in zip(kept_indices, offsets)])] = True
+    return flags
+
+
+def images_per_row(placeholders_per_row: Sequence[int], tokens_per_image: Sequence[int]) -> list[range]:
+    """Which images (in placeholder order) belong to each row, given each row's placeholder count."""
+    groups, image = [], 0
+    for row, count in enumerate(placeholders_per_row):
+        start = image
+        while count > 0 and image < len(tokens_per_image):
+            count -= tokens_per_image[image]
+            image += 1
+        if count != 0:
+            raise ValueError(
+                f"row {row} has {placeholders_per_row[row]} image placeholder tokens, which is not a whole number of "
+                f"images of {list(tokens_per_image[start:])} tokens; build the inputs with the model's processor"
+            )
+        groups.append(range(start, image))
+    if image != len(tokens_per_image):
+        raise ValueError(
+            f"the prompts have placeholders for {image} images but {len(tokens_per_image)} images were given; "
+            "every image needs its placeholders in the text"
+        )
+    return groups
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions counted over real tokens only (the `generate()` convention), 0 at padding."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def compacted_position_ids(
+    plan: CompactionPlan,
+    keep: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    policy: str,
+) -> torch.LongTensor:
+    """Position ids of the compacted batch.
+
+    "original": every kept token keeps its position. "compact": positions close up over dropped tokens, as if the
+    image had only its kept tokens (a kept token moves back by the number of dropped tokens before it).
+    """
+    if policy not in POSITION_POLICIES:
+        raise ValueError(f"position_policy must be one of {POSITION_POLICIES}, got {policy!r}")
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+    position_ids = position_ids.expand_as(attention_mask)
+    if policy == "compact":
+        dropped = attention_mask.bool() & ~keep
+        position_ids = position_ids - dropped.long().cumsum(-1)
+    return plan.gather(position_ids, pad_value=0)
