@@ -168,6 +168,10 @@ class AdaPruneLlavaModel(LlavaModel):
     config_class = AdaPruneConfig
     config: AdaPruneConfig
 
+    def __init__(self, config: AdaPruneConfig) -> None:
+        config.pruning  # noqa: B018 - settings passed to from_pretrained bypass the config's own check
+        super().__init__(config)
+
     @can_return_tuple
     def get_image_features(
         self,

@@ -8,7 +8,8 @@ features' device, and computes in float32 (or wider) whatever the model's dtype.
 Round-off is handled by two documented rules, so that budgets are reproducible and tau = 1 gives the numerical
 rank rather than N:
 
-* eigenvalues (s_i^2) below ``N * eps32 * s_1^2`` are round-off and count as zero energy;
+* eigenvalues (s_i^2) at or below ``sqrt(N) * eps32 * s_1^2`` are round-off and count as zero energy (float32
+  Gram eigenvalues of rank-deficient matrices measure a few eps32 * s_1^2 here, for N up to 2,880);
 * a centred matrix whose energy is below ``N * eps32^2 * ||X||_F^2`` (uncentred) has no energy beyond the
   cancellation error of centring; its curve is flat at 1, so it gets ``min_tokens``.
 """
@@ -86,12 +87,12 @@ def energy_curves(
     else:
         raise ValueError(f"spectrum solver must be 'exact' or 'randomized', got {solver!r}")
 
-    eigenvalues = eigenvalues.masked_fill(eigenvalues <= n_tokens * FLOAT32_EPS * eigenvalues[..., :1], 0.0)
+    eigenvalues = eigenvalues.masked_fill(eigenvalues <= n_tokens**0.5 * FLOAT32_EPS * eigenvalues[..., :1], 0.0)
     captured = eigenvalues.cumsum(-1)
     computed = captured.shape[-1]
     if computed < n_tokens:
         remaining = (total - captured[..., -1:]).clamp_min(0)
-        remaining = remaining.masked_fill(remaining <= n_tokens * FLOAT32_EPS * total, 0.0)
+        remaining = remaining.masked_fill(remaining <= n_tokens**0.5 * FLOAT32_EPS * total, 0.0)
         steps = torch.arange(1, n_tokens - computed + 1, device=matrix.device, dtype=matrix.dtype)
         tail = captured[..., -1:] + remaining * steps / (n_tokens - computed)
         captured = torch.cat([captured, tail], dim=-1)

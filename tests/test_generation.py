@@ -1,0 +1,186 @@
+"""generate() and forward() as callers use them: batching, decoding modes, cache, loss, pass-through cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import dropped_placeholders, load_pruned, max_abs_diff, oracle_inputs
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+PROMPTS = [
+    "USER: <image> describe this picture ASSISTANT:",
+    "USER: what is in the image <image> ? ASSISTANT:",
+    "USER: <image> and <image> compare two images ASSISTANT:",
+    "USER: a dog ASSISTANT:",
+]
+IMAGE_NAMES = [["busy"], ["plain"], ["shapes", "gradient"], []]
+
+
+def batch_inputs(processor: LlavaProcessor, images: dict, rows: list[int]) -> dict:
+    """Processor inputs for the chosen rows of PROMPTS (left padded)."""
+    row_images = [images[name] for row in rows for name in IMAGE_NAMES[row]]
+    return processor(images=row_images or None, text=[PROMPTS[row] for row in rows], padding=True, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def pruned(small_checkpoint):
+    return load_pruned(small_checkpoint, energy_ratio=0.9, min_tokens=2)
+
+
+def new_tokens(sequences: torch.Tensor, inputs: dict) -> torch.Tensor:
+    return sequences[:, inputs["input_ids"].shape[1] :]
+
+
+def test_batch_equals_each_sample_alone(pruned, small_processor, small_images) -> None:
+    """Tokens, budgets and logits of a padded batch equal those of every sample run alone."""
+    rows = [0, 1, 2, 3]
+    batch = batch_inputs(small_processor, small_images, rows)
+    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        together = pruned.generate(**batch, **settings)
+        budgets = pruned.get_image_features(pixel_values=batch["pixel_values"]).token_budgets.tolist()
+        alone_budgets = []
+        for position, row in enumerate(rows):
+            single = batch_inputs(small_processor, small_images, [row])
+            alone = pruned.generate(**single, **settings)
+            assert torch.equal(new_tokens(alone.sequences, single)[0], new_tokens(together.sequences, batch)[position])
+            assert max_abs_diff([s[0] for s in alone.logits], [s[position] for s in together.logits]) <= 1e-4
+            if "pixel_values" in single:
+                alone_budgets += pruned.get_image_features(pixel_values=single["pixel_values"]).token_budgets.tolist()
+    assert budgets == alone_budgets
+    assert len(set(budgets)) > 1
+
+
+def test_prefill_cache_holds_the_pruned_length(pruned, small_processor, small_images) -> None:
+    """The KV cache after prefill holds the compacted length, not the 64-tokens-per-image one."""
+    inputs = batch_inputs(small_processor, small_images, [0, 2])
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        output = pruned(**inputs, use_cache=True)
+        generated = pruned.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    dropped = dropped_placeholders(
+        inputs["input_ids"], pruned.config.image_token_id, image_output.kept_indices, image_output.tokens_per_image
+    )
+    kept_per_row = (inputs["attention_mask"].bool() & ~dropped).sum(-1)
+    assert output.past_key_values.get_seq_length() == int(kept_per_row.max())
+    assert output.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
+    assert output.logits.shape[1] == int(kept_per_row.max())
+    assert generated.past_key_values.get_seq_length() == int(kept_per_row.max()) + 4 - 1
+
+
+def test_loss_equals_stock_loss_on_the_shortened_sequence(pruned, small_stock, small_processor, small_images) -> None:
+    """forward(labels=...) prunes like generate and gives the stock model's loss on the shortened sequence."""
+    inputs = batch_inputs(small_processor, small_images, [0, 2])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == pruned.config.image_token_id, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        ours = pruned(**inputs, labels=labels)
+    dropped = dropped_placeholders(
+        inputs["input_ids"], pruned.config.image_token_id, image_output.kept_indices, image_output.tokens_per_image
+    )
+    keep = inputs["attention_mask"].bool() & ~dropped
+    rows = [inputs["input_ids"][row][keep[row]] for row in range(keep.shape[0])]
+    row_labels = [labels[row][keep[row]] for row in range(keep.shape[0])]
+    width = max(len(row) for row in rows)
+    pad = small_stock.config.text_config.pad_token_id
+    short_ids = torch.stack([torch.cat([row.new_full((width - len(row),), pad), row]) for row in rows])
+    short_labels = torch.stack([torch.cat([row.new_full((width - len(row),), -100), row]) for row in row_labels])
+    short_mask = torch.stack([torch.arange(width) >= width - len(row) for row in rows]).long()
+    features = {"image": type(image_output)(pooler_output=image_output.pooler_output)}
+    with torch.no_grad():
+        reference = small_stock(
+            input_ids=short_ids,
+            attention_mask=short_mask,
+            position_ids=(short_mask.cumsum(-1) - 1).clamp_min(0),
+            mm_encoder_outputs=features,
+            labels=short_labels,
+        )
+    assert ours.loss is not None
+    assert abs(float(ours.loss) - float(reference.loss)) <= 1e-5
+    assert torch.equal(ours.pruned_attention_mask, short_mask)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=3, do_sample=False),
+        dict(num_beams=2, num_return_sequences=2, do_sample=False),
+        dict(do_sample=True, top_k=5, num_return_sequences=2),
+        dict(do_sample=False, use_cache=False),
+    ],
+    ids=["beam-search", "beams-with-return-sequences", "sampling", "no-cache"],
+)
+def test_decoding_modes_match_the_oracle_with_two_images(
+    settings: dict, pruned, small_stock, small_processor, small_images
+) -> None:
+    """Beam search, num_return_sequences, sampling and use_cache=False on prompts with one and two images."""
+    inputs = batch_inputs(small_processor, small_images, [2, 0])
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        reference_inputs = oracle_inputs(inputs, image_output, pruned.config.image_token_id, "compact")
+        torch.manual_seed(7)
+        ours = pruned.generate(**inputs, max_new_tokens=5, **settings)
+        torch.manual_seed(7)
+        reference = small_stock.generate(**reference_inputs, max_new_tokens=5, **settings)
+    assert torch.equal(ours, reference)
+    expected_rows = 2 * settings.get("num_return_sequences", 1)
+    assert ours.shape[0] == expected_rows
+    assert torch.equal(ours[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(expected_rows // 2, 0))
+
+
+def test_no_cache_equals_cached_generation(pruned, small_processor, small_images) -> None:
+    inputs = batch_inputs(small_processor, small_images, [0, 1, 2])
+    with torch.no_grad():
+        cached = pruned.generate(**inputs, max_new_tokens=5, do_sample=False)
+        uncached = pruned.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_text_only_prompts_equal_the_stock_model(pruned, small_stock, small_processor) -> None:
+    inputs = small_processor(text=["USER: a dog ASSISTANT:", "USER: red sky ? ASSISTANT:"], padding=True, return_tensors="pt")
+    settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours, reference = pruned.generate(**inputs, **settings), small_stock.generate(**inputs, **settings)
+        forward, reference_forward = pruned(**inputs), small_stock(**inputs)
+    assert torch.equal(ours.sequences, reference.sequences)
+    assert max_abs_diff(ours.logits, reference.logits) == 0
+    assert torch.equal(forward.logits, reference_forward.logits)
+
+
+def test_disabled_pruning_equals_the_stock_model(small_checkpoint, small_stock, small_processor, small_images) -> None:
+    disabled = load_pruned(small_checkpoint, enabled=False)
+    inputs = batch_inputs(small_processor, small_images, [0, 2, 3])
+    settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours, reference = disabled.generate(**inputs, **settings), small_stock.generate(**inputs, **settings)
+        features = disabled.get_image_features(pixel_values=inputs["pixel_values"])
+        forward, reference_forward = disabled(**inputs), small_stock(**inputs)
+    assert torch.equal(ours.sequences, reference.sequences)
+    assert max_abs_diff(ours.logits, reference.logits) == 0
+    assert torch.equal(forward.logits, reference_forward.logits)
+    assert [len(f) for f in features.pooler_output] == [64, 64, 64]
+
+
+def test_fixed_budget_keeps_the_same_count_for_every_image(small_checkpoint, small_processor, small_images) -> None:
+    fixed = load_pruned(small_checkpoint, budget_mode="fixed", fixed_tokens=12)
+    inputs = batch_inputs(small_processor, small_images, [0, 1, 2])
+    with torch.no_grad():
+        image_output = fixed.get_image_features(pixel_values=inputs["pixel_values"])
+    assert image_output.token_budgets.tolist() == [12, 12, 12, 12]
+    assert [len(kept) for kept in image_output.kept_indices] == [12, 12, 12, 12]
+
+
+def test_kept_indices_are_ascending_and_match_the_kept_features(pruned, small_processor, small_images) -> None:
+    """`pooler_output` rows are the stock projected features at `kept_indices`."""
+    inputs = batch_inputs(small_processor, small_images, [2])
+    disabled_view = load_pruned(pruned.name_or_path, enabled=False)
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        full = disabled_view.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    for kept, features, all_features, budget in zip(
+        image_output.kept_indices, image_output.pooler_output, full, image_output.token_budgets, strict=True
+    ):
+        assert len(kept) == int(budget)
+        assert torch.all(kept[1:] > kept[:-1])
+        assert torch.equal(features, all_features[kept])

@@ -1,0 +1,80 @@
+"""The oracle: pruning equals the stock model with the attention mask zeroed at the dropped image tokens.
+
+Same weights; the pruned model's greedy tokens and its logits (every generation step, and every kept position of a
+plain forward) must match stock `LlavaForConditionalGeneration` fed the full sequence with those positions masked.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from helpers import load_pruned, max_abs_diff, oracle_inputs, random_prompts
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+TOLERANCE = 1e-4
+NEW_TOKENS = 6
+
+
+def assert_matches_oracle(pruned, stock: LlavaForConditionalGeneration, inputs: dict) -> torch.Tensor:
+    """Checks generate() and forward() against the masked stock model; returns the per-image budgets."""
+    policy = pruned.config.position_policy
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        reference_inputs = oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy)
+        greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ours = pruned.generate(**inputs, **greedy)
+        reference = stock.generate(**reference_inputs, **greedy)
+
+        assert torch.equal(ours.sequences, reference.sequences)
+        assert torch.equal(ours.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+        assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE
+
+        forward = pruned(**inputs)
+        reference_forward = stock(**reference_inputs)
+    kept = forward.source_index >= 0
+    index = forward.source_index.clamp_min(0).unsqueeze(-1).expand(-1, -1, forward.logits.shape[-1])
+    reference_logits = torch.gather(reference_forward.logits, 1, index)
+    assert float((forward.logits - reference_logits)[kept].abs().max()) <= TOLERANCE
+    assert int(kept.sum()) == int(reference_inputs["attention_mask"].sum())
+    return image_output.token_budgets
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_batches_match_masked_stock_model(
+    seed: int, small_checkpoint, small_processor: LlavaProcessor, small_stock, small_images: dict
+) -> None:
+    """Batch 1-4, left padding, 0-2 images per prompt, random budgets, both policies and selectors."""
+    rng = random.Random(seed)
+    pruned = load_pruned(
+        small_checkpoint,
+        energy_ratio=rng.uniform(0.6, 0.99),
+        min_tokens=rng.randint(1, 8),
+        position_policy=rng.choice(["compact", "original"]),
+        selector=rng.choice(["cls_attention", "uniform"]),
+    )
+    prompts, counts = random_prompts(rng, batch=rng.randint(1, 4))
+    images = [rng.choice(list(small_images.values())) for _ in range(sum(counts))]
+    inputs = small_processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+    budgets = assert_matches_oracle(pruned, small_stock, inputs)
+    assert budgets.shape == (sum(counts),)
+
+
+@pytest.mark.parametrize("position_policy", ["compact", "original"])
+def test_llava15_geometry_matches_masked_stock_model(
+    position_policy: str, llava15_checkpoint, llava15_images: dict
+) -> None:
+    """576 tokens per image, vision width 1024: different budgets per row, two images in one prompt."""
+    processor = LlavaProcessor.from_pretrained(llava15_checkpoint)
+    stock = LlavaForConditionalGeneration.from_pretrained(llava15_checkpoint).eval()
+    pruned = load_pruned(llava15_checkpoint, energy_ratio=0.9, min_tokens=4, position_policy=position_policy)
+    prompts = ["USER: <image> describe this picture ASSISTANT:", "USER: <image> and <image> compare ASSISTANT:"]
+    images = [llava15_images["busy"], llava15_images["plain"], llava15_images["shapes"]]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert int((inputs["input_ids"] == pruned.config.image_token_id).sum()) == 3 * 576
+
+    budgets = assert_matches_oracle(pruned, stock, inputs)
+    assert len(set(budgets.tolist())) == 3
+    assert int(budgets.max()) < 576
