@@ -77,12 +77,12 @@ class PrunedSequenceFields:
 
 
 @dataclass
-class AdaPruneModelOutputWithPast(LlavaModelOutputWithPast, PrunedSequenceFields):
+class AdaPruneModelOutputWithPast(PrunedSequenceFields, LlavaModelOutputWithPast):
     """`LlavaModelOutputWithPast` plus the compaction of the prefill batch."""
 
 
 @dataclass
-class AdaPruneCausalLMOutputWithPast(LlavaCausalLMOutputWithPast, PrunedSequenceFields):
+class AdaPruneCausalLMOutputWithPast(PrunedSequenceFields, LlavaCausalLMOutputWithPast):
     """`LlavaCausalLMOutputWithPast` plus the compaction of the prefill batch; logits are over the compacted batch."""
 
 

@@ -3,8 +3,9 @@
 A `CompactionPlan` records, for every position of the shorter left-padded batch, which position of the original
 batch it came from. The same plan then compacts embeddings, masks, labels and position ids, and maps outputs back
 (``source_index``). Rows may keep different numbers of tokens; the shorter ones are padded on the left, so the
-last column holds every row's last real token, as `generate()` expects. Plans compose, so a later stage (e.g. a
-decoder layer that drops more tokens) can compact an already compacted batch again.
+last column holds every row's last real token, as `generate()` expects. Nothing here is specific to image
+placeholders or to the model's input, so a later stage (e.g. a decoder layer that drops more tokens) can plan and
+apply a compaction of an already compacted batch the same way.
 """
 
 from __future__ import annotations
@@ -66,14 +67,19 @@ def images_per_row(placeholders_per_row: Sequence[int], tokens_per_image: Sequen
     """Which images (in placeholder order) belong to each row, given each row's placeholder count."""
     groups, image = [], 0
     for row, count in enumerate(placeholders_per_row):
-        start = image
-        while count > 0 and image < len(tokens_per_image):
-            count -= tokens_per_image[image]
+        start, remaining = image, count
+        while remaining > 0 and image < len(tokens_per_image):
+            remaining -= tokens_per_image[image]
             image += 1
-        if count != 0:
+        if remaining > 0:
             raise ValueError(
-                f"row {row} has {placeholders_per_row[row]} image placeholder tokens, which is not a whole number of "
-                f"images of {list(tokens_per_image[start:])} tokens; build the inputs with the model's processor"
+                f"row {row} has {count} image placeholder tokens, more than the images left for it provide "
+                f"({list(tokens_per_image[start:])} tokens); every placeholder run needs its image"
+            )
+        if remaining < 0:
+            raise ValueError(
+                f"row {row} has {count} image placeholder tokens, which is not a whole number of images of "
+                f"{list(tokens_per_image[start:image])} tokens; build the inputs with the model's processor"
             )
         groups.append(range(start, image))
     if image != len(tokens_per_image):

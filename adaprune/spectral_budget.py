@@ -80,14 +80,17 @@ def energy_curves(
 
     if solver == "exact":
         eigenvalues = _gram_eigenvalues(matrix)
-        total = eigenvalues.sum(-1, keepdim=True)
     elif solver == "randomized":
         eigenvalues = _randomized_eigenvalues(matrix, randomized_rank, randomized_oversampling, randomized_power_iterations)
-        total = matrix.square().sum((-2, -1)).unsqueeze(-1)
     else:
         raise ValueError(f"spectrum solver must be 'exact' or 'randomized', got {solver!r}")
-
     eigenvalues = eigenvalues.masked_fill(eigenvalues <= n_tokens**0.5 * FLOAT32_EPS * eigenvalues[..., :1], 0.0)
+    # The exact spectrum is complete (a d x d Gram matrix has only d eigenvalues when N > d; the rest are zero);
+    # the randomized one is not, and its missing energy comes from the Frobenius norm.
+    if solver == "exact":
+        total = eigenvalues.sum(-1, keepdim=True)
+    else:
+        total = matrix.square().sum((-2, -1)).unsqueeze(-1)
     captured = eigenvalues.cumsum(-1)
     computed = captured.shape[-1]
     if computed < n_tokens:

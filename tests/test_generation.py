@@ -184,3 +184,14 @@ def test_kept_indices_are_ascending_and_match_the_kept_features(pruned, small_pr
         assert len(kept) == int(budget)
         assert torch.all(kept[1:] > kept[:-1])
         assert torch.equal(features, all_features[kept])
+
+
+def test_outputs_keep_the_stock_field_order(pruned, small_processor, small_images) -> None:
+    """Index 0 and tuple outputs are the logits, as with the stock model; the pruning fields come last."""
+    inputs = batch_inputs(small_processor, small_images, [0])
+    with torch.no_grad():
+        output = pruned(**inputs)
+        as_tuple = pruned(**inputs, return_dict=False)
+    assert torch.equal(output[0], output.logits)
+    assert torch.equal(as_tuple[0], output.logits)
+    assert list(output.keys())[-3:] == ["pruned_position_ids", "source_index", "token_budgets"]
