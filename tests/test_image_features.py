@@ -108,3 +108,27 @@ def test_randomized_solver_matches_exact_when_the_rank_covers_the_budget(
         exact_budgets = exact.get_image_features(pixel_values=pixel_values).token_budgets
         randomized_budgets = randomized.get_image_features(pixel_values=pixel_values).token_budgets
     assert torch.equal(exact_budgets, randomized_budgets)
+
+
+def test_budgets_and_selection_sync_with_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune_images reads device values on the host once per batch (budgets and finiteness flags together)."""
+    from adaprune.configuration_adaprune import PruningSettings
+    from adaprune.image_pruning import prune_images
+
+    features = torch.randn(5, 64, 96)
+    signals = {"cls_attention": torch.rand(5, 64)}
+    reads: list[str] = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    for solver in ("exact", "randomized"):
+        reads.clear()
+        pruning = prune_images(features, signals, PruningSettings(spectrum_solver=solver, min_tokens=2))
+        assert reads == ["tolist"], solver
+    monkeypatch.undo()
+    assert [len(kept) for kept in pruning.kept_indices] == pruning.token_budgets.tolist()
