@@ -13,6 +13,8 @@ import torch
 from helpers import load_pruned, max_abs_diff, oracle_inputs, random_prompts
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from adaprune.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
+
 TOLERANCE = 1e-4
 NEW_TOKENS = 6
 
@@ -78,3 +80,30 @@ def test_llava15_geometry_matches_masked_stock_model(
     budgets = assert_matches_oracle(pruned, stock, inputs)
     assert len(set(budgets.tolist())) == 3
     assert int(budgets.max()) < 576
+
+
+@pytest.mark.parametrize(
+    ("strategy", "layer"),
+    [("full", -2), ("default", [-3, -1])],
+    ids=["full-strategy-with-cls-token", "two-feature-layers"],
+)
+def test_other_feature_selections_match_masked_stock_model(
+    strategy: str, layer: int | list[int], tmp_path, small_images: dict
+) -> None:
+    """The [CLS] token as an image token ("full"), and features concatenated from several layers."""
+    processor = build_processor(SMALL_GEOMETRY)
+    processor.vision_feature_select_strategy = strategy
+    config = build_config(processor, SMALL_GEOMETRY)
+    config.vision_feature_select_strategy = strategy
+    config.vision_feature_layer = layer
+    stock = build_stock_model(config)
+    stock.save_pretrained(tmp_path)
+    pruned = load_pruned(tmp_path, energy_ratio=0.9, min_tokens=2)
+    prompts = ["USER: <image> describe ASSISTANT:", "USER: a <image> and <image> ASSISTANT:"]
+    images = [small_images["busy"], small_images["shapes"], small_images["plain"]]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    tokens = SMALL_GEOMETRY.tokens_per_image + (strategy == "full")
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == 3 * tokens
+
+    budgets = assert_matches_oracle(pruned, stock, inputs)
+    assert int(budgets.max()) < tokens
