@@ -1,8 +1,8 @@
-"""The main job, end to end: convert a LLaVA checkpoint, load it as remote code, prune and generate.
+"""The main job, end to end: convert a LLaVA checkpoint, load it through the Auto classes, prune and generate.
 
-With no --model it builds a small LLaVA locally (LLaVA-1.5 vision geometry, an 8-layer 512-wide language
-model, random weights; cached), so it runs
-offline. It prints each image's token budget, the answers, and the prefill time with pruning on and off.
+With no --model it builds a small LLaVA locally (LLaVA-1.5 vision geometry, an 8-layer 512-wide language model,
+random weights; cached), so it runs offline. It prints each image's token budget, the answers, and the prefill
+time with pruning on and off.
 
     python -m adaprune.demo [--model DIR_OR_HUB_ID] [--energy-ratio 0.9] [--output-dir outputs/demo]
 """
