@@ -56,6 +56,11 @@ def _randomized_eigenvalues(matrix: torch.Tensor, rank: int, oversampling: int, 
     return singular_values[..., : min(rank, sketch_size)].square()
 
 
+def _without_round_off(eigenvalues: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Zeroes descending eigenvalues at or below the round-off floor sqrt(N) * eps32 * s_1^2."""
+    return eigenvalues.masked_fill(eigenvalues <= n_tokens**0.5 * FLOAT32_EPS * eigenvalues[..., :1], 0.0)
+
+
 def energy_curves(
     features: torch.Tensor,
     *,
@@ -78,19 +83,17 @@ def energy_curves(
     matrix = centered(raw) if center else raw
     n_tokens = matrix.shape[-2]
 
+    # The exact spectrum is complete (when N > d, the d x d Gram matrix's d eigenvalues are all the nonzero ones);
+    # the randomized one is not, and its total energy comes from the Frobenius norm.
     if solver == "exact":
-        eigenvalues = _gram_eigenvalues(matrix)
+        eigenvalues = _without_round_off(_gram_eigenvalues(matrix), n_tokens)
+        total = eigenvalues.sum(-1, keepdim=True)
     elif solver == "randomized":
         eigenvalues = _randomized_eigenvalues(matrix, randomized_rank, randomized_oversampling, randomized_power_iterations)
+        eigenvalues = _without_round_off(eigenvalues, n_tokens)
+        total = matrix.square().sum((-2, -1)).unsqueeze(-1)
     else:
         raise ValueError(f"spectrum solver must be 'exact' or 'randomized', got {solver!r}")
-    eigenvalues = eigenvalues.masked_fill(eigenvalues <= n_tokens**0.5 * FLOAT32_EPS * eigenvalues[..., :1], 0.0)
-    # The exact spectrum is complete (a d x d Gram matrix has only d eigenvalues when N > d; the rest are zero);
-    # the randomized one is not, and its missing energy comes from the Frobenius norm.
-    if solver == "exact":
-        total = eigenvalues.sum(-1, keepdim=True)
-    else:
-        total = matrix.square().sum((-2, -1)).unsqueeze(-1)
     captured = eigenvalues.cumsum(-1)
     computed = captured.shape[-1]
     if computed < n_tokens:
