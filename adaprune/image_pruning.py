@@ -1,8 +1,14 @@
-"""One batched step from per-image features to per-image budgets and kept tokens (no model involved)."""
+"""One batched step from features to token budgets and kept tokens (no model involved).
+
+The unit of pruning is a *budget unit*: a set of visual tokens that gets one spectrum and one budget (a LLaVA
+image; a LLaVA-NeXT image or one of its crops). Units of equal token count are stacked into a `UnitGroup` and
+pruned together; `prune_groups` handles any number of groups with one host sync for all of them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,25 +19,38 @@ from .token_selection import get_selector, kept_indices_from_mask
 
 @dataclass(frozen=True)
 class ImagePruning:
-    """Budgets (n,) and ascending kept indices (one tensor per image) for n images of N tokens each."""
+    """Budgets (n,) and ascending kept indices (one tensor per unit) for n units of N tokens each."""
 
     token_budgets: torch.LongTensor
     kept_indices: list[torch.LongTensor]
     padded_kept_indices: torch.LongTensor
 
     def kept_rows(self, features: torch.Tensor) -> list[torch.Tensor]:
-        """The kept rows of (n, N, D) features, one (k_i, D) tensor per image."""
+        """The kept rows of (n, N, D) features, one (k_i, D) tensor per unit."""
         index = self.padded_kept_indices.clamp_max(features.shape[1] - 1)
         gathered = torch.gather(features, 1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-        return [gathered[image, : len(kept)] for image, kept in enumerate(self.kept_indices)]
+        return [gathered[unit, : len(kept)] for unit, kept in enumerate(self.kept_indices)]
 
 
-def compute_budgets(spectrum_features: torch.Tensor, settings: PruningSettings) -> torch.LongTensor:
-    """Per-image budgets for (n, N, d) features under the settings' budget mode."""
-    n_images, n_tokens = spectrum_features.shape[:2]
-    if settings.budget_mode == "fixed":
-        return torch.full((n_images,), min(settings.fixed_tokens, n_tokens), device=spectrum_features.device)
-    curves = energy_curves(
+@dataclass(frozen=True)
+class UnitGroup:
+    """Budget units with the same token count N, pruned as one batch.
+
+    spectrum_features: (n, N, d) features whose spectra set the budgets.
+    signals: what the selector needs besides the features, each (n, N, ...).
+    checked_features: further (n, N, ...) tensors checked for NaN/Inf along with the spectrum features.
+    images: the image each unit belongs to, for error messages (default: unit i is image i).
+    """
+
+    spectrum_features: torch.Tensor
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    checked_features: tuple[torch.Tensor, ...] = ()
+    images: Sequence[int] | None = None
+
+
+def settings_energy_curves(spectrum_features: torch.Tensor, settings: PruningSettings) -> torch.Tensor:
+    """Energy curves of (n, N, d) features under the settings' centring and solver: (n, N) float32."""
+    return energy_curves(
         spectrum_features,
         center=settings.center_spectrum,
         solver=settings.spectrum_solver,
@@ -39,9 +58,63 @@ def compute_budgets(spectrum_features: torch.Tensor, settings: PruningSettings) 
         randomized_oversampling=settings.randomized_oversampling,
         randomized_power_iterations=settings.randomized_power_iterations,
     )
+
+
+def compute_budgets(spectrum_features: torch.Tensor, settings: PruningSettings) -> torch.LongTensor:
+    """Per-unit budgets for (n, N, d) features under the settings' budget mode."""
+    n_units, n_tokens = spectrum_features.shape[:2]
+    if settings.budget_mode == "fixed":
+        return torch.full((n_units,), min(settings.fixed_tokens, n_tokens), device=spectrum_features.device)
     return budgets_from_curves(
-        curves, settings.energy_ratio, min_tokens=settings.min_tokens, max_tokens=settings.max_tokens
+        settings_energy_curves(spectrum_features, settings),
+        settings.energy_ratio,
+        min_tokens=settings.min_tokens,
+        max_tokens=settings.max_tokens,
     )
+
+
+def _budgets_keep_finite(
+    group: UnitGroup, settings: PruningSettings
+) -> tuple[torch.LongTensor, torch.BoolTensor, torch.BoolTensor]:
+    """Device-side part of pruning one group: budgets (n,), keep mask (n, N) and finiteness flags (n,)."""
+    spectrum_features = group.spectrum_features.detach()
+    finite = torch.stack(
+        [tensor.detach().isfinite().flatten(1).all(-1) for tensor in (spectrum_features, *group.checked_features)]
+    ).all(0)
+    budgets = compute_budgets(torch.nan_to_num(spectrum_features), settings)
+    keep = get_selector(settings.selector).keep_mask({"features": spectrum_features, **group.signals}, budgets)
+    return budgets, keep, finite
+
+
+def prune_groups(groups: Sequence[UnitGroup], settings: PruningSettings) -> list[ImagePruning]:
+    """Budgets and kept tokens for every group, reading device values on the host once for all groups.
+
+    Raises ValueError naming the images whose features hold NaN or Inf.
+    """
+    device_parts = [_budgets_keep_finite(group, settings) for group in groups]
+    if not device_parts:
+        return []
+    host_budgets, host_finite = torch.cat(
+        [torch.stack([budgets, finite.long()]) for budgets, _, finite in device_parts], dim=1
+    ).tolist()
+    unit_images = [
+        image
+        for group in groups
+        for image in (group.images if group.images is not None else range(len(group.spectrum_features)))
+    ]
+    bad_images = sorted({image for image, ok in zip(unit_images, host_finite) if not ok})
+    if bad_images:
+        raise ValueError(
+            f"images {bad_images} (0-based, in batch order) have non-finite visual features (NaN or Inf); "
+            "check their pixel_values, and for float16 models try bfloat16 or float32"
+        )
+    prunings, start = [], 0
+    for budgets, keep, _ in device_parts:
+        group_budgets = host_budgets[start : start + len(budgets)]
+        start += len(budgets)
+        padded, kept_indices = kept_indices_from_mask(keep, group_budgets)
+        prunings.append(ImagePruning(token_budgets=budgets, kept_indices=kept_indices, padded_kept_indices=padded))
+    return prunings
 
 
 def prune_images(
@@ -50,24 +123,5 @@ def prune_images(
     settings: PruningSettings,
     checked_features: tuple[torch.Tensor, ...] = (),
 ) -> ImagePruning:
-    """Budgets and kept tokens for (n, N, d) features, with one host sync for the whole batch.
-
-    `signals` holds what the selector needs besides the features. Every tensor in `checked_features`
-    (n, N, ...) is checked for NaN/Inf along with the spectrum features; a bad image raises ValueError.
-    """
-    spectrum_features = spectrum_features.detach()
-    finite = torch.stack(
-        [tensor.detach().isfinite().flatten(1).all(-1) for tensor in (spectrum_features, *checked_features)]
-    ).all(0)
-    budgets = compute_budgets(torch.nan_to_num(spectrum_features), settings)
-    keep = get_selector(settings.selector).keep_mask({"features": spectrum_features, **signals}, budgets)
-
-    host_budgets, host_finite = torch.stack([budgets, finite.long()]).tolist()
-    bad_images = [index for index, ok in enumerate(host_finite) if not ok]
-    if bad_images:
-        raise ValueError(
-            f"images {bad_images} (0-based, in batch order) have non-finite visual features (NaN or Inf); "
-            "check their pixel_values, and for float16 models try bfloat16 or float32"
-        )
-    padded, kept_indices = kept_indices_from_mask(keep, host_budgets)
-    return ImagePruning(token_budgets=budgets, kept_indices=kept_indices, padded_kept_indices=padded)
+    """Budgets and kept tokens for n images of N tokens each ((n, N, d) features), with one host sync."""
+    return prune_groups([UnitGroup(spectrum_features, signals, checked_features)], settings)[0]

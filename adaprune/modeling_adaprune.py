@@ -29,7 +29,7 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_adaprune import AdaPruneConfig, PruningSettings
-from .image_pruning import prune_images
+from .image_pruning import prune_images, settings_energy_curves
 from .sequence_compaction import (
     CompactionPlan,
     compacted_position_ids,
@@ -172,6 +172,18 @@ class AdaPruneLlavaModel(LlavaModel):
         config.pruning  # noqa: B018 - settings passed to from_pretrained bypass the config's own check
         super().__init__(config)
 
+    def _feature_choice(
+        self, vision_feature_layer: int | list[int] | None, vision_feature_select_strategy: str | None
+    ) -> tuple[int | list[int], str]:
+        """The feature layer(s) and select strategy in effect: the arguments, else the config's."""
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = (
+            self.config.vision_feature_select_strategy
+            if vision_feature_select_strategy is None
+            else vision_feature_select_strategy
+        )
+        return layer, strategy
+
     @can_return_tuple
     def get_image_features(
         self,
@@ -184,12 +196,7 @@ class AdaPruneLlavaModel(LlavaModel):
         """Stock image features with each image cut to its budget: `pooler_output` holds the kept projected
         features, and `token_budgets`, `kept_indices` and `tokens_per_image` say what was kept."""
         settings = self.config.pruning
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = (
-            self.config.vision_feature_select_strategy
-            if vision_feature_select_strategy is None
-            else vision_feature_select_strategy
-        )
+        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
         stock_kwargs = dict(
             pixel_values=pixel_values,
             vision_feature_layer=layer,
@@ -212,6 +219,42 @@ class AdaPruneLlavaModel(LlavaModel):
             output = super().get_image_features(**stock_kwargs)
         return self._prune(output, signals, settings, layer, strategy)
 
+    @torch.no_grad()
+    def image_energy_curves(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Per image, the energy curve E(k) of each of its budget units (here one per image), as the budgets use
+        them. Calibration computes these once and then tries many energy ratios on them."""
+        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
+        output = super().get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+            image_sizes=image_sizes,
+            return_dict=True,
+        )
+        _, spectrum_features = self._spectrum_inputs(output, self.config.pruning, layer, strategy)
+        return [[curve] for curve in settings_energy_curves(spectrum_features, self.config.pruning)]
+
+    def _spectrum_inputs(
+        self, output: BaseModelOutputWithPooling, settings: PruningSettings, layer: int | list[int], strategy: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (n, N, D) projected features and the (n, N, d) features whose spectra set the budgets."""
+        token_counts = {len(features) for features in output.pooler_output}
+        if len(token_counts) > 1:
+            raise ValueError(
+                f"images have different numbers of visual tokens {sorted(token_counts)}; the LLaVA pruning model "
+                "needs equal-size images (omit image_sizes), or use the LLaVA-NeXT variant"
+            )
+        projected = torch.stack(list(output.pooler_output))
+        if settings.spectrum_source == "projected":
+            return projected, projected
+        return projected, _projector_input(output.hidden_states, layer, strategy)
+
     def _prune(
         self,
         output: BaseModelOutputWithPooling,
@@ -220,15 +263,7 @@ class AdaPruneLlavaModel(LlavaModel):
         layer: int | list[int],
         strategy: str,
     ) -> AdaPruneImageFeaturesOutput:
-        token_counts = {len(features) for features in output.pooler_output}
-        if len(token_counts) > 1:
-            raise ValueError(
-                f"images have different numbers of visual tokens {sorted(token_counts)}; the LLaVA pruning model "
-                "needs equal-size images (omit image_sizes), or use the LLaVA-NeXT variant"
-            )
-        projected = torch.stack(list(output.pooler_output))
-        vision = _projector_input(output.hidden_states, layer, strategy)
-        spectrum_features = vision if settings.spectrum_source == "vision" else projected
+        projected, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
         pruning = prune_images(spectrum_features, signals, settings, checked_features=(projected,))
         return AdaPruneImageFeaturesOutput(
             last_hidden_state=output.last_hidden_state,

@@ -132,3 +132,20 @@ def test_budgets_and_selection_sync_with_the_host_once(monkeypatch: pytest.Monke
         assert reads == ["tolist"], solver
     monkeypatch.undo()
     assert [len(kept) for kept in pruning.kept_indices] == pruning.token_budgets.tolist()
+
+
+@pytest.mark.parametrize("source", ["vision", "projected"])
+def test_energy_curves_give_the_budgets_the_model_uses(source: str, small_checkpoint, pixel_values: torch.Tensor) -> None:
+    """`image_energy_curves` (what calibration uses) yields each image's budget at any energy ratio."""
+    from adaprune.spectral_budget import budgets_from_curves
+
+    curves = load_pruned(small_checkpoint, spectrum_source=source).model.image_energy_curves(pixel_values)
+    assert [len(units) for units in curves] == [1] * len(pixel_values)
+    assert all(curve.shape == (64,) and curve.dtype == torch.float32 for units in curves for curve in units)
+    for ratio in (0.3, 0.6, 0.9):
+        model = load_pruned(small_checkpoint, spectrum_source=source, energy_ratio=ratio, min_tokens=2)
+        with torch.no_grad():
+            budgets = model.get_image_features(pixel_values=pixel_values).token_budgets
+        stacked = torch.stack([units[0] for units in curves])
+        assert budgets.tolist() == budgets_from_curves(stacked, ratio, min_tokens=2).tolist()
+    assert len({tuple(units[0].tolist()) for units in curves}) == len(curves)
