@@ -5,18 +5,26 @@ Importing the package registers the pruning models with the transformers Auto cl
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from .configuration_adaprune import AdaPruneConfig, PruningSettings
+from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, AnyResPruningSettings, PruningSettings
 from .modeling_adaprune import (
     AdaPruneCausalLMOutputWithPast,
     AdaPruneImageFeaturesOutput,
     AdaPruneLlavaForConditionalGeneration,
     AdaPruneLlavaModel,
+    AdaPruneLlavaNextCausalLMOutputWithPast,
+    AdaPruneLlavaNextForConditionalGeneration,
+    AdaPruneLlavaNextModel,
+    AdaPruneLlavaNextModelOutputWithPast,
     AdaPruneModelOutputWithPast,
 )
 
-AutoConfig.register(AdaPruneConfig.model_type, AdaPruneConfig, exist_ok=True)
-AutoModel.register(AdaPruneConfig, AdaPruneLlavaModel, exist_ok=True)
-AutoModelForImageTextToText.register(AdaPruneConfig, AdaPruneLlavaForConditionalGeneration, exist_ok=True)
+for _config, _model, _generation_model in (
+    (AdaPruneConfig, AdaPruneLlavaModel, AdaPruneLlavaForConditionalGeneration),
+    (AdaPruneLlavaNextConfig, AdaPruneLlavaNextModel, AdaPruneLlavaNextForConditionalGeneration),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForImageTextToText.register(_config, _generation_model, exist_ok=True)
 
 __version__ = "0.1.0"
 
@@ -26,6 +34,12 @@ __all__ = [
     "AdaPruneImageFeaturesOutput",
     "AdaPruneLlavaForConditionalGeneration",
     "AdaPruneLlavaModel",
+    "AdaPruneLlavaNextCausalLMOutputWithPast",
+    "AdaPruneLlavaNextConfig",
+    "AdaPruneLlavaNextForConditionalGeneration",
+    "AdaPruneLlavaNextModel",
+    "AdaPruneLlavaNextModelOutputWithPast",
     "AdaPruneModelOutputWithPast",
+    "AnyResPruningSettings",
     "PruningSettings",
 ]

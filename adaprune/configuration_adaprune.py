@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
 from .sequence_compaction import POSITION_POLICIES
 from .token_selection import SELECTORS
@@ -14,7 +14,9 @@ from .token_selection import SELECTORS
 BUDGET_MODES = ("energy", "fixed")
 SPECTRUM_SOURCES = ("vision", "projected")
 SPECTRUM_SOLVERS = ("exact", "randomized")
-STOCK_MODEL_TYPES = {"llava_adaprune": "llava"}
+BUDGET_SCOPES = ("image", "crop")
+NEWLINE_POLICIES = ("keep_rows", "drop")
+STOCK_MODEL_TYPES = {"llava_adaprune": "llava", "llava_next_adaprune": "llava_next"}
 
 
 def _is_int(value: Any) -> bool:
@@ -116,6 +118,30 @@ class PruningSettings:
         return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
 
 
+@dataclass(frozen=True)
+class AnyResPruningSettings(PruningSettings):
+    """`PruningSettings` plus the choices that only exist for any-resolution (LLaVA-NeXT) images.
+
+    budget_scope: "image" (one spectrum and one budget over all of an image's crops; default) or "crop" (one per
+        crop: the base crop and each high-resolution crop get their own budget, min/max tokens apply per crop).
+    newline_policy: "keep_rows" (keep the newline token of every grid row that keeps at least one token, so the
+        2-D layout cue survives; default) or "drop" (drop every newline token).
+    """
+
+    budget_scope: Any = "image"
+    newline_policy: Any = "keep_rows"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.budget_scope in BUDGET_SCOPES, "budget_scope", f"one of {BUDGET_SCOPES}", self.budget_scope)
+        _check(
+            self.newline_policy in NEWLINE_POLICIES,
+            "newline_policy",
+            f"one of {NEWLINE_POLICIES}",
+            self.newline_policy,
+        )
+
+
 @dataclass
 class PruningConfigFields:
     """The pruning settings as config fields (defaults as in `PruningSettings`), shared by every pruning config."""
@@ -135,10 +161,17 @@ class PruningConfigFields:
     selector: Any = PruningSettings.selector
     position_policy: Any = PruningSettings.position_policy
 
+    settings_class: ClassVar[type[PruningSettings]] = PruningSettings
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        kwargs.pop("model_type", None)  # a stock config's model_type, replaced by ours
+        super().__post_init__(**kwargs)  # type: ignore[misc]
+        self.pruning  # noqa: B018 - validates the pruning settings at construction
+
     @property
     def pruning(self) -> PruningSettings:
         """The current settings, validated (raises ValueError naming a bad field)."""
-        return PruningSettings.from_config(self)
+        return self.settings_class.from_config(self)
 
     @classmethod
     def get_config_dict(cls, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -155,10 +188,23 @@ class AdaPruneConfig(PruningConfigFields, LlavaConfig):
 
     model_type = "llava_adaprune"
 
-    def __post_init__(self, **kwargs: Any) -> None:
-        kwargs.pop("model_type", None)
-        super().__post_init__(**kwargs)
-        self.pruning  # noqa: B018 - validates the pruning settings at construction
+
+@dataclass
+class AnyResPruningConfigFields(PruningConfigFields):
+    """The any-resolution pruning settings as config fields (defaults as in `AnyResPruningSettings`)."""
+
+    budget_scope: Any = AnyResPruningSettings.budget_scope
+    newline_policy: Any = AnyResPruningSettings.newline_policy
+
+    settings_class: ClassVar[type[PruningSettings]] = AnyResPruningSettings
 
 
-__all__ = ["AdaPruneConfig", "PruningSettings"]
+@strict
+class AdaPruneLlavaNextConfig(AnyResPruningConfigFields, LlavaNextConfig):
+    """`LlavaNextConfig` with E-AdaPrune pruning settings (plus budget scope and newline policy); loads stock
+    llava_next configs too."""
+
+    model_type = "llava_next_adaprune"
+
+
+__all__ = ["AdaPruneConfig", "AdaPruneLlavaNextConfig", "AnyResPruningSettings", "PruningSettings"]

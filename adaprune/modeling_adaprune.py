@@ -16,20 +16,33 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, LlavaForConditionalGeneration, LlavaModel
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    GenerationMixin,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+)
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaModelOutputWithPast,
     LlavaPreTrainedModel,
 )
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextCausalLMOutputWithPast,
+    LlavaNextModelOutputWithPast,
+    LlavaNextPreTrainedModel,
+)
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_adaprune import AdaPruneConfig, PruningSettings
-from .image_pruning import prune_images, settings_energy_curves
+from .anyres_layout import PackedLayout, budget_units, packed_layout, with_row_newlines
+from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, AnyResPruningSettings, PruningSettings
+from .image_pruning import UnitGroup, prune_groups, prune_images, settings_energy_curves
 from .sequence_compaction import (
     CompactionPlan,
     compacted_position_ids,
@@ -37,7 +50,7 @@ from .sequence_compaction import (
     left_compaction,
     placeholder_keep_flags,
 )
-from .token_selection import get_selector
+from .token_selection import get_selector, kept_indices_from_mask
 
 IGNORE_INDEX = -100
 
@@ -47,7 +60,8 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
     """`get_image_features` output: `pooler_output` holds each image's kept projected features.
 
     token_budgets: (n_images,) number of tokens each image keeps.
-    kept_indices: per image, the ascending indices of its kept tokens among its unpruned tokens.
+    kept_indices: per image, the ascending indices of its kept tokens among its unpruned tokens (for LLaVA-NeXT,
+        positions in its packed sequence, kept newline tokens included).
     tokens_per_image: per image, its number of unpruned tokens (= its placeholders in the prompt).
     """
 
@@ -84,6 +98,16 @@ class AdaPruneModelOutputWithPast(PrunedSequenceFields, LlavaModelOutputWithPast
 @dataclass
 class AdaPruneCausalLMOutputWithPast(PrunedSequenceFields, LlavaCausalLMOutputWithPast):
     """`LlavaCausalLMOutputWithPast` plus the compaction of the prefill batch; logits are over the compacted batch."""
+
+
+@dataclass
+class AdaPruneLlavaNextModelOutputWithPast(PrunedSequenceFields, LlavaNextModelOutputWithPast):
+    """`LlavaNextModelOutputWithPast` plus the compaction of the prefill batch."""
+
+
+@dataclass
+class AdaPruneLlavaNextCausalLMOutputWithPast(PrunedSequenceFields, LlavaNextCausalLMOutputWithPast):
+    """`LlavaNextCausalLMOutputWithPast` plus the compaction of the prefill batch; logits over the compacted batch."""
 
 
 def _is_pruned(image_output: Any) -> bool:
@@ -162,13 +186,15 @@ def _capturing_cls_attention(attention: nn.Module) -> Iterator[dict[str, torch.T
         handle.remove()
 
 
-class AdaPruneLlavaModel(LlavaModel):
-    """`LlavaModel` whose image features are pruned per image and whose prefill runs on the shortened sequence."""
+class PrunedPrefillMixin:
+    """What every pruning `*Model` shares: image features cut to per-image budgets, and a prefill `forward` on the
+    shortened sequence. Placed before the stock model class in the bases; a variant implements `_prune` (from
+    the stock features to the kept ones) and `image_energy_curves`."""
 
-    config_class = AdaPruneConfig
-    config: AdaPruneConfig
+    config: Any
+    model_output_class: type[ModelOutput]
 
-    def __init__(self, config: AdaPruneConfig) -> None:
+    def __init__(self, config: Any) -> None:
         config.pruning  # noqa: B018 - settings passed to from_pretrained bypass the config's own check
         super().__init__(config)
 
@@ -184,76 +210,38 @@ class AdaPruneLlavaModel(LlavaModel):
         )
         return layer, strategy
 
-    @can_return_tuple
-    def get_image_features(
+    def _stock_image_features(self, **stock_kwargs: Any) -> BaseModelOutputWithPooling:
+        return super().get_image_features(**stock_kwargs, return_dict=True)  # type: ignore[misc]
+
+    def _pruned_image_features(
         self,
         pixel_values: torch.Tensor,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None,
+        vision_feature_layer: int | list[int] | None,
+        vision_feature_select_strategy: str | None,
         **kwargs: Any,
-    ) -> tuple | BaseModelOutputWithPooling:
-        """Stock image features with each image cut to its budget: `pooler_output` holds the kept projected
-        features, and `token_budgets`, `kept_indices` and `tokens_per_image` say what was kept."""
+    ) -> BaseModelOutputWithPooling:
+        """Stock image features, then `_prune`; the stock output unchanged when pruning is disabled."""
         settings = self.config.pruning
         layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
         stock_kwargs = dict(
             pixel_values=pixel_values,
+            image_sizes=image_sizes,
             vision_feature_layer=layer,
             vision_feature_select_strategy=strategy,
-            image_sizes=image_sizes,
-            return_dict=True,
             **kwargs,
         )
         if not settings.enabled:
-            return super().get_image_features(**stock_kwargs)
-
-        selector = get_selector(settings.selector)
+            return self._stock_image_features(**stock_kwargs)
         signals: dict[str, torch.Tensor] = {}
-        if "cls_attention" in selector.required_signals:
+        if "cls_attention" in get_selector(settings.selector).required_signals:
             with _capturing_cls_attention(_cls_attention_module(self.vision_tower, layer)) as signals:
-                output = super().get_image_features(**stock_kwargs)
+                output = self._stock_image_features(**stock_kwargs)
             if strategy == "default":
                 signals["cls_attention"] = signals["cls_attention"][:, 1:]
         else:
-            output = super().get_image_features(**stock_kwargs)
-        return self._prune(output, signals, settings, layer, strategy)
-
-    @torch.no_grad()
-    def image_energy_curves(
-        self,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-    ) -> list[list[torch.Tensor]]:
-        """Per image, the energy curve E(k) of each of its budget units (here one per image), as the budgets use
-        them. Calibration computes these once and then tries many energy ratios on them."""
-        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
-        output = super().get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=strategy,
-            image_sizes=image_sizes,
-            return_dict=True,
-        )
-        _, spectrum_features = self._spectrum_inputs(output, self.config.pruning, layer, strategy)
-        return [[curve] for curve in settings_energy_curves(spectrum_features, self.config.pruning)]
-
-    def _spectrum_inputs(
-        self, output: BaseModelOutputWithPooling, settings: PruningSettings, layer: int | list[int], strategy: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (n, N, D) projected features and the (n, N, d) features whose spectra set the budgets."""
-        token_counts = {len(features) for features in output.pooler_output}
-        if len(token_counts) > 1:
-            raise ValueError(
-                f"images have different numbers of visual tokens {sorted(token_counts)}; the LLaVA pruning model "
-                "needs equal-size images (omit image_sizes), or use the LLaVA-NeXT variant"
-            )
-        projected = torch.stack(list(output.pooler_output))
-        if settings.spectrum_source == "projected":
-            return projected, projected
-        return projected, _projector_input(output.hidden_states, layer, strategy)
+            output = self._stock_image_features(**stock_kwargs)
+        return self._prune(output, signals, settings, layer, strategy, image_sizes)
 
     def _prune(
         self,
@@ -262,18 +250,9 @@ class AdaPruneLlavaModel(LlavaModel):
         settings: PruningSettings,
         layer: int | list[int],
         strategy: str,
+        image_sizes: torch.Tensor | None,
     ) -> AdaPruneImageFeaturesOutput:
-        projected, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
-        pruning = prune_images(spectrum_features, signals, settings, checked_features=(projected,))
-        return AdaPruneImageFeaturesOutput(
-            last_hidden_state=output.last_hidden_state,
-            pooler_output=pruning.kept_rows(projected),
-            hidden_states=output.hidden_states,
-            attentions=output.attentions,
-            token_budgets=pruning.token_budgets,
-            kept_indices=pruning.kept_indices,
-            tokens_per_image=[projected.shape[1]] * projected.shape[0],
-        )
+        raise NotImplementedError
 
     def image_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
@@ -300,21 +279,23 @@ class AdaPruneLlavaModel(LlavaModel):
         image_sizes: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Any,
-    ) -> tuple | LlavaModelOutputWithPast:
+    ) -> tuple | ModelOutput:
+        """Stock forward; with pruned images, the language model runs on the compacted batch (see the output's
+        `source_index`, `pruned_attention_mask` and `pruned_position_ids`)."""
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
-        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
+        if mm_encoder_outputs.get("image") is None and pixel_values is not None and len(pixel_values) > 0:
             mm_encoder_outputs["image"] = self.get_image_features(
                 pixel_values=pixel_values,
+                image_sizes=image_sizes,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
                 return_dict=True,
             )
         image_output = mm_encoder_outputs.get("image")
         if not _is_pruned(image_output):
-            return super().forward(
+            return super().forward(  # type: ignore[misc]
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -353,7 +334,7 @@ class AdaPruneLlavaModel(LlavaModel):
             past_key_values=past_key_values,
             **kwargs,
         )
-        return AdaPruneModelOutputWithPast(
+        return self.model_output_class(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -363,6 +344,85 @@ class AdaPruneLlavaModel(LlavaModel):
             pruned_position_ids=positions,
             source_index=plan.source_index,
             token_budgets=image_output.token_budgets,
+        )
+
+
+class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
+    """`LlavaModel` whose image features are pruned per image and whose prefill runs on the shortened sequence."""
+
+    config_class = AdaPruneConfig
+    config: AdaPruneConfig
+    model_output_class = AdaPruneModelOutputWithPast
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Stock image features with each image cut to its budget: `pooler_output` holds the kept projected
+        features, and `token_budgets`, `kept_indices` and `tokens_per_image` say what was kept."""
+        return self._pruned_image_features(
+            pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+
+    @torch.no_grad()
+    def image_energy_curves(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Per image, the energy curve E(k) of each of its budget units (here one per image), as the budgets use
+        them. Calibration computes these once and then tries many energy ratios on them."""
+        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
+        output = self._stock_image_features(
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+        )
+        _, spectrum_features = self._spectrum_inputs(output, self.config.pruning, layer, strategy)
+        return [[curve] for curve in settings_energy_curves(spectrum_features, self.config.pruning)]
+
+    def _spectrum_inputs(
+        self, output: BaseModelOutputWithPooling, settings: PruningSettings, layer: int | list[int], strategy: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (n, N, D) projected features and the (n, N, d) features whose spectra set the budgets."""
+        token_counts = {len(features) for features in output.pooler_output}
+        if len(token_counts) > 1:
+            raise ValueError(
+                f"images have different numbers of visual tokens {sorted(token_counts)}; the LLaVA pruning model "
+                "needs equal-size images (omit image_sizes), or use the LLaVA-NeXT variant"
+            )
+        projected = torch.stack(list(output.pooler_output))
+        if settings.spectrum_source == "projected":
+            return projected, projected
+        return projected, _projector_input(output.hidden_states, layer, strategy)
+
+    def _prune(
+        self,
+        output: BaseModelOutputWithPooling,
+        signals: dict[str, torch.Tensor],
+        settings: PruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        image_sizes: torch.Tensor | None,
+    ) -> AdaPruneImageFeaturesOutput:
+        projected, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
+        pruning = prune_images(spectrum_features, signals, settings, checked_features=(projected,))
+        return AdaPruneImageFeaturesOutput(
+            last_hidden_state=output.last_hidden_state,
+            pooler_output=pruning.kept_rows(projected),
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+            token_budgets=pruning.token_budgets,
+            kept_indices=pruning.kept_indices,
+            tokens_per_image=[projected.shape[1]] * projected.shape[0],
         )
 
 
@@ -392,17 +452,14 @@ def _check_placeholder_count(placeholders: torch.BoolTensor, tokens_per_image: l
         )
 
 
-class AdaPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration, GenerationMixin):
-    """`LlavaForConditionalGeneration` with E-AdaPrune: same inputs, same `generate()`, shorter prefill."""
+class PrunedGenerationMixin:
+    """What every pruning `*ForConditionalGeneration` shares: logits and labels over the compacted prefill, and the
+    `generate()` hooks that keep the cache, mask and positions aligned. Placed before the stock class in the bases."""
 
-    config_class = AdaPruneConfig
-    config: AdaPruneConfig
-
-    def __init__(self, config: AdaPruneConfig) -> None:
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = AdaPruneLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    config: Any
+    model: PrunedPrefillMixin
+    lm_head: nn.Linear
+    causal_lm_output_class: type[ModelOutput]
 
     @can_return_tuple
     def forward(
@@ -420,7 +477,7 @@ class AdaPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration, Gener
         image_sizes: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Any,
-    ) -> tuple | LlavaCausalLMOutputWithPast:
+    ) -> tuple | ModelOutput:
         """Stock forward; with images, logits (and `labels`) are over the compacted batch, see `source_index`."""
         outputs = self.model(
             input_ids=input_ids,
@@ -446,7 +503,7 @@ class AdaPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration, Gener
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return AdaPruneCausalLMOutputWithPast(
+        return self.causal_lm_output_class(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -471,7 +528,7 @@ class AdaPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration, Gener
                         f"{option}={value!r} cannot be combined with visual-token pruning, which shortens the prefill "
                         f"sequence; leave {option} unset, or disable pruning (config.enabled=False)"
                     )
-        return super().generate(*args, **kwargs)
+        return super().generate(*args, **kwargs)  # type: ignore[misc]
 
     def _expand_multimodal_outputs(
         self,
@@ -482,7 +539,9 @@ class AdaPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration, Gener
     ) -> dict:
         image_output = mm_encoder_output.get("image")
         if not _is_pruned(image_output):
-            return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
+            return super()._expand_multimodal_outputs(  # type: ignore[misc]
+                input_ids, mm_encoder_output, expand_size, inputs_embeds
+            )
         placeholders_per_row = self.model.image_placeholder_mask(input_ids, inputs_embeds).sum(-1).tolist()
         groups = images_per_row(placeholders_per_row, image_output.tokens_per_image)
         order = [image for group in groups for _ in range(expand_size) for image in group]
@@ -498,15 +557,259 @@ class AdaPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration, Gener
         if getattr(outputs, "pruned_attention_mask", None) is not None and outputs.past_key_values is not None:
             model_kwargs["attention_mask"] = outputs.pruned_attention_mask
             model_kwargs["position_ids"] = outputs.pruned_position_ids
-        return super()._update_model_kwargs_for_generation(
+        return super()._update_model_kwargs_for_generation(  # type: ignore[misc]
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+
+
+
+class AdaPruneLlavaForConditionalGeneration(PrunedGenerationMixin, LlavaForConditionalGeneration, GenerationMixin):
+    """`LlavaForConditionalGeneration` with E-AdaPrune: same inputs, same `generate()`, shorter prefill."""
+
+    config_class = AdaPruneConfig
+    config: AdaPruneConfig
+    causal_lm_output_class = AdaPruneCausalLMOutputWithPast
+
+    def __init__(self, config: AdaPruneConfig) -> None:
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = AdaPruneLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+@dataclass(frozen=True)
+class _UnitBatch:
+    """Budget units of equal length, stacked: the group to prune, and each unit's packed positions (u, N)."""
+
+    group: UnitGroup
+    positions: torch.LongTensor
+    unit_ids: list[int]
+
+
+class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
+    """`LlavaNextModel` whose any-resolution image features are pruned per image (or per crop) and whose prefill
+    runs on the shortened sequence.
+
+    An image's visual tokens are its base crop and its unpadded high-resolution grid; its newline tokens (one per
+    grid row) are not part of any spectrum. With `budget_scope="image"` one spectrum and one budget cover all its
+    visual tokens; with "crop" every crop gets its own. `newline_policy="keep_rows"` then keeps the newline of every
+    grid row that kept a token, "drop" drops them all. `kept_indices` index the image's packed sequence (newlines
+    included); `packed_layout(image_size)` says which crop, patch and grid row each position is.
+    """
+
+    config_class = AdaPruneLlavaNextConfig
+    config: AdaPruneLlavaNextConfig
+    model_output_class = AdaPruneLlavaNextModelOutputWithPast
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs: Any,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Stock packed image features with each image cut to its budget: `pooler_output` holds the kept packed
+        features (kept newlines included), `token_budgets` the visual tokens kept per image (newlines excluded),
+        `kept_indices` their positions in the packed sequence and `tokens_per_image` its length."""
+        return self._pruned_image_features(
+            pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+
+    def packed_layout(self, image_size: tuple[int, int] | torch.Tensor) -> PackedLayout:
+        """Where each position of the packed feature sequence of an image of `image_size` (height, width) comes
+        from: crop, patch within the crop, grid row, or newline (see `anyres_layout.PackedLayout`)."""
+        size = image_size.tolist() if isinstance(image_size, torch.Tensor) else list(image_size)
+        vision = self.config.vision_config
+        return packed_layout(tuple(size), self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+
+    def _layouts(self, image_sizes: torch.Tensor | None, packed: list[torch.Tensor]) -> list[PackedLayout]:
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT pruning needs image_sizes (one (height, width) per image); pass the processor's")
+        layouts = [self.packed_layout(size) for size in image_sizes.tolist()]
+        lengths = [len(layout) for layout in layouts]
+        if lengths != [len(features) for features in packed]:
+            raise ValueError(
+                f"the packed image features have {[len(features) for features in packed]} tokens per image, but the "
+                f"any-resolution layout of image_sizes {image_sizes.tolist()} gives {lengths}; this model needs "
+                "vision_feature_select_strategy='default' and the processor's image_sizes"
+            )
+        return layouts
+
+    def _unit_batches(
+        self,
+        output: BaseModelOutputWithPooling,
+        signals: dict[str, torch.Tensor],
+        settings: AnyResPruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        layouts: list[PackedLayout],
+    ) -> list[_UnitBatch]:
+        """The batch's budget units, grouped by length, with their spectrum features, signals and packed rows."""
+        packed = list(output.pooler_output)
+        device = packed[0].device
+        crops_per_image = [1 + layout.grid_shape[0] * layout.grid_shape[1] for layout in layouts]
+        patches = layouts[0].patches_per_side ** 2
+        # Per image, rows aligned with its packed positions (newline rows are placeholders no unit uses).
+        source_rows = [
+            ((layout.crop * patches + layout.patch).clamp_min(0)).to(device) for layout in layouts
+        ]
+        if settings.spectrum_source == "projected":
+            spectrum = packed
+        else:
+            vision = _projector_input(output.hidden_states, layer, strategy).split(crops_per_image)
+            spectrum = [crops.flatten(0, 1)[rows] for crops, rows in zip(vision, source_rows)]
+        per_image_signals = {
+            name: [crops.flatten(0, 1)[rows] for crops, rows in zip(values.split(crops_per_image), source_rows)]
+            for name, values in signals.items()
+        }
+
+        by_length: dict[int, list[tuple[int, int, torch.LongTensor]]] = {}
+        for unit_id, (image, positions) in enumerate(budget_units(layouts, settings.budget_scope)):
+            by_length.setdefault(len(positions), []).append((unit_id, image, positions))
+        batches = []
+        for units in by_length.values():
+            images = [image for _, image, _ in units]
+            positions = torch.stack([unit_positions for _, _, unit_positions in units]).to(device)
+
+            def stacked(per_image: list[torch.Tensor]) -> torch.Tensor:
+                return torch.stack([per_image[image][rows] for image, rows in zip(images, positions)])
+
+            group = UnitGroup(
+                spectrum_features=stacked(spectrum),
+                signals={name: stacked(values) for name, values in per_image_signals.items()},
+                checked_features=(stacked(packed),),
+                images=images,
+            )
+            batches.append(_UnitBatch(group=group, positions=positions, unit_ids=[unit_id for unit_id, _, _ in units]))
+        return batches
+
+    @torch.no_grad()
+    def image_energy_curves(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Per image, the energy curve E(k) of each of its budget units (one per image, or one per crop with
+        `budget_scope="crop"`, base crop first), as the budgets use them. Calibration computes these once and then
+        tries many energy ratios on them."""
+        settings = self.config.pruning
+        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
+        output = self._stock_image_features(
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+        )
+        layouts = self._layouts(image_sizes, list(output.pooler_output))
+        curves: list[list[tuple[int, torch.Tensor]]] = [[] for _ in layouts]
+        for batch in self._unit_batches(output, {}, settings, layer, strategy, layouts):
+            unit_curves = settings_energy_curves(batch.group.spectrum_features, settings)
+            for unit_id, image, curve in zip(batch.unit_ids, batch.group.images, unit_curves):
+                curves[image].append((unit_id, curve))
+        return [[curve for _, curve in sorted(units, key=lambda unit: unit[0])] for units in curves]
+
+    def _prune(
+        self,
+        output: BaseModelOutputWithPooling,
+        signals: dict[str, torch.Tensor],
+        settings: AnyResPruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        image_sizes: torch.Tensor | None,
+    ) -> AdaPruneImageFeaturesOutput:
+        packed = list(output.pooler_output)
+        layouts = self._layouts(image_sizes, packed)
+        batches = self._unit_batches(output, signals, settings, layer, strategy, layouts)
+        prunings = prune_groups([batch.group for batch in batches], settings)
+
+        device = packed[0].device
+        n_images, longest = len(packed), max(len(layout) for layout in layouts)
+        keep = torch.zeros(n_images * longest, dtype=torch.long, device=device)
+        token_budgets = torch.zeros(n_images, dtype=torch.long, device=device)
+        for batch, pruning in zip(batches, prunings):
+            unit_length = batch.positions.shape[1]
+            kept_local = pruning.padded_kept_indices
+            kept_positions = batch.positions.gather(1, kept_local.clamp_max(unit_length - 1))
+            images = torch.tensor(batch.group.images, device=device)
+            flat = images.unsqueeze(1) * longest + kept_positions
+            keep.scatter_reduce_(0, flat.flatten(), (kept_local < unit_length).long().flatten(), reduce="amax")
+            token_budgets.index_add_(0, images, pruning.token_budgets)
+        keep = keep.view(n_images, longest).bool()
+        if settings.newline_policy == "keep_rows":
+            keep = with_row_newlines(
+                keep,
+                pad_sequence([layout.row for layout in layouts], batch_first=True, padding_value=-1).to(device),
+                pad_sequence([layout.is_newline for layout in layouts], batch_first=True).to(device),
+            )
+        _, kept_indices = kept_indices_from_mask(keep, keep.sum(-1).tolist())
+        return AdaPruneImageFeaturesOutput(
+            last_hidden_state=output.last_hidden_state,
+            pooler_output=[features[kept] for features, kept in zip(packed, kept_indices)],
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+            token_budgets=token_budgets,
+            kept_indices=kept_indices,
+            tokens_per_image=[len(layout) for layout in layouts],
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple | ModelOutput:
+        """The shared pruning forward, with LLaVA-NeXT's argument order."""
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs
+        )
+
+
+class AdaPruneLlavaNextForConditionalGeneration(
+    PrunedGenerationMixin, LlavaNextForConditionalGeneration, GenerationMixin
+):
+    """`LlavaNextForConditionalGeneration` with E-AdaPrune: same inputs, same `generate()`, shorter prefill."""
+
+    config_class = AdaPruneLlavaNextConfig
+    config: AdaPruneLlavaNextConfig
+    causal_lm_output_class = AdaPruneLlavaNextCausalLMOutputWithPast
+
+    def __init__(self, config: AdaPruneLlavaNextConfig) -> None:
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.model = AdaPruneLlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple | ModelOutput:
+        """The shared pruning forward, with LLaVA-NeXT's argument order."""
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs
         )
 
 
 def _register_checkpoint_renames() -> None:
     """Stock llava checkpoints use transformers-4 weight names, renamed on load by model type and class name;
     a new model type (or remote code) gets no renames unless registered, and would load random weights."""
-    for ours, stock in (("llava_adaprune", "llava"), ("AdaPruneLlavaModel", "LlavaModel")):
+    for ours, stock in (
+        ("llava_adaprune", "llava"),
+        ("AdaPruneLlavaModel", "LlavaModel"),
+        ("llava_next_adaprune", "llava_next"),
+        ("AdaPruneLlavaNextModel", "LlavaNextModel"),
+    ):
         register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(stock), overwrite=True)
 
 
@@ -514,11 +817,18 @@ _register_checkpoint_renames()
 AdaPruneConfig.register_for_auto_class()
 AdaPruneLlavaModel.register_for_auto_class("AutoModel")
 AdaPruneLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+AdaPruneLlavaNextConfig.register_for_auto_class()
+AdaPruneLlavaNextModel.register_for_auto_class("AutoModel")
+AdaPruneLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "AdaPruneCausalLMOutputWithPast",
     "AdaPruneImageFeaturesOutput",
     "AdaPruneLlavaForConditionalGeneration",
     "AdaPruneLlavaModel",
+    "AdaPruneLlavaNextCausalLMOutputWithPast",
+    "AdaPruneLlavaNextForConditionalGeneration",
+    "AdaPruneLlavaNextModel",
+    "AdaPruneLlavaNextModelOutputWithPast",
     "AdaPruneModelOutputWithPast",
 ]

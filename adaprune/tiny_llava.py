@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,9 +22,13 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 WORDS = (
@@ -143,10 +148,11 @@ def smooth_position_embeddings(grid: int, width: int, amplitude: float = 0.02) -
     return torch.cat([torch.zeros(1, width), patches])
 
 
-def build_stock_model(config: LlavaConfig, seed: int = 0, logit_scale: float = 20.0) -> LlavaForConditionalGeneration:
-    """Stock LLaVA with seeded random weights. `logit_scale` sharpens the LM head so greedy choices are not ties."""
+def prepare_stock_weights(model_class: type[ModelT], config: PretrainedConfig, seed: int, logit_scale: float = 20.0) -> ModelT:
+    """A stock model with seeded random weights, smooth vision position embeddings and a sharpened LM head
+    (`logit_scale`, so greedy choices are not ties), generating with padding and without an EOS stop."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     vision = config.vision_config
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
@@ -156,6 +162,11 @@ def build_stock_model(config: LlavaConfig, seed: int = 0, logit_scale: float = 2
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = None
     return model
+
+
+def build_stock_model(config: LlavaConfig, seed: int = 0, logit_scale: float = 20.0) -> LlavaForConditionalGeneration:
+    """Stock LLaVA with seeded random weights (see `prepare_stock_weights`)."""
+    return prepare_stock_weights(LlavaForConditionalGeneration, config, seed, logit_scale)
 
 
 def save_tiny_llava(directory: str | Path, geometry: Geometry = SMALL_GEOMETRY, seed: int = 0) -> Path:
