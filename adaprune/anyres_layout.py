@@ -107,8 +107,8 @@ def patch_boxes(layout: PackedLayout, image_size: tuple[int, int]) -> torch.Tens
     canvas_h, canvas_w = layout.canvas_size
     crop_h, crop_w = canvas_h / layout.grid_shape[0], canvas_w / layout.grid_shape[1]
     grid_index = (layout.crop - 1).clamp_min(0)
-    canvas_y = (grid_index // layout.grid_shape[1]) * crop_h + patch_row * crop_h / side
-    canvas_x = (grid_index % layout.grid_shape[1]) * crop_w + patch_col * crop_w / side
+    canvas_y = (grid_index // layout.grid_shape[1]).double() * crop_h + patch_row * crop_h / side
+    canvas_x = (grid_index % layout.grid_shape[1]).double() * crop_w + patch_col * crop_w / side
     scale = min(canvas_h / height, canvas_w / width)
     offset_y = (canvas_h - height * scale) / 2
     offset_x = (canvas_w - width * scale) / 2
@@ -118,8 +118,8 @@ def patch_boxes(layout: PackedLayout, image_size: tuple[int, int]) -> torch.Tens
 
     y0 = torch.where(is_base, base_y, grid_y)
     x0 = torch.where(is_base, base_x, grid_x)
-    y1 = y0 + torch.where(is_base, base_h, grid_h)
-    x1 = x0 + torch.where(is_base, base_w, grid_w)
+    y1 = y0 + torch.where(is_base, torch.full_like(y0, base_h), grid_h)
+    x1 = x0 + torch.where(is_base, torch.full_like(x0, base_w), grid_w)
     boxes = torch.stack([x0.clamp(0, width), y0.clamp(0, height), x1.clamp(0, width), y1.clamp(0, height)], -1)
     return boxes.masked_fill(layout.is_newline.unsqueeze(-1), float("nan"))
 

@@ -605,7 +605,7 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs: Any,
@@ -613,6 +613,10 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
         """Stock packed image features with each image cut to its budget: `pooler_output` holds the kept packed
         features (kept newlines included), `token_budgets` the visual tokens kept per image (newlines excluded),
         `kept_indices` their positions in the packed sequence and `tokens_per_image` its length."""
+        if image_sizes is None:
+            raise ValueError(
+                "LLaVA-NeXT image features need image_sizes (one (height, width) per image); pass the processor's"
+            )
         return self._pruned_image_features(
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
@@ -624,9 +628,7 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
         vision = self.config.vision_config
         return packed_layout(tuple(size), self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
 
-    def _layouts(self, image_sizes: torch.Tensor | None, packed: list[torch.Tensor]) -> list[PackedLayout]:
-        if image_sizes is None:
-            raise ValueError("LLaVA-NeXT pruning needs image_sizes (one (height, width) per image); pass the processor's")
+    def _layouts(self, image_sizes: torch.Tensor, packed: list[torch.Tensor]) -> list[PackedLayout]:
         layouts = [self.packed_layout(size) for size in image_sizes.tolist()]
         lengths = [len(layout) for layout in layouts]
         if lengths != [len(features) for features in packed]:
@@ -756,18 +758,36 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
             tokens_per_image=[len(layout) for layout in layouts],
         )
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Any,
     ) -> tuple | ModelOutput:
-        """The shared pruning forward, with LLaVA-NeXT's argument order."""
+        """The shared pruning forward with LLaVA-NeXT's signature (argument order, and the names `generate()`
+        looks for in it)."""
         return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
         )
 
 
@@ -786,18 +806,40 @@ class AdaPruneLlavaNextForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Any,
     ) -> tuple | ModelOutput:
-        """The shared pruning forward, with LLaVA-NeXT's argument order."""
+        """The shared pruning forward with LLaVA-NeXT's signature (argument order, and the names `generate()`
+        looks for in it)."""
         return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
         )
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny stock LLaVA checkpoints built once per session, offline."""
+"""Shared fixtures: tiny stock LLaVA and LLaVA-NeXT checkpoints built once per session, offline."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
 
 from adaprune.tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, sample_images, save_tiny_llava
+from adaprune.tiny_llava_next import aspect_ratio_images, save_tiny_llava_next
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -48,3 +49,25 @@ def small_images() -> dict:
 @pytest.fixture(scope="session")
 def llava15_images() -> dict:
     return sample_images(LLAVA15_GEOMETRY.image_size)
+
+
+@pytest.fixture(scope="session")
+def next_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stock llava-hf style LLaVA-NeXT checkpoint: 336 px crops, patch 14, llava-hf's grid pinpoints, tiny widths."""
+    return save_tiny_llava_next(tmp_path_factory.mktemp("llava-next"))
+
+
+@pytest.fixture(scope="session")
+def next_processor(next_checkpoint: Path) -> LlavaNextProcessor:
+    return LlavaNextProcessor.from_pretrained(next_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def next_stock(next_checkpoint: Path) -> LlavaNextForConditionalGeneration:
+    return LlavaNextForConditionalGeneration.from_pretrained(next_checkpoint).eval()
+
+
+@pytest.fixture(scope="session")
+def next_images() -> dict:
+    """Images of different sizes and aspect ratios (different grids and unpadding)."""
+    return aspect_ratio_images()

@@ -7,13 +7,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
-from adaprune import AdaPruneLlavaForConditionalGeneration
+from adaprune import AdaPruneLlavaForConditionalGeneration, AdaPruneLlavaNextForConditionalGeneration
+
+TOLERANCE = 1e-4
+NEW_TOKENS = 6
+PRUNING_CLASSES = {"llava": AdaPruneLlavaForConditionalGeneration, "llava_next": AdaPruneLlavaNextForConditionalGeneration}
 
 
-def load_pruned(checkpoint: Path, **settings) -> AdaPruneLlavaForConditionalGeneration:
-    """The pruning model on a stock checkpoint, with the given pruning settings."""
-    return AdaPruneLlavaForConditionalGeneration.from_pretrained(checkpoint, **settings).eval()
+def load_pruned(checkpoint: Path, **settings):
+    """The pruning model (LLaVA or LLaVA-NeXT, by the checkpoint's model type) with the given pruning settings."""
+    model_type = PretrainedConfig.get_config_dict(checkpoint)[0]["model_type"]
+    return PRUNING_CLASSES[model_type].from_pretrained(checkpoint, **settings).eval()
 
 
 WORDS = "what is in the image ? describe this picture a dog cat red sky city street many few".split()
@@ -69,3 +75,33 @@ def oracle_inputs(inputs: dict, image_output, image_token_id: int, position_poli
 def max_abs_diff(first: Iterable[torch.Tensor], second: Iterable[torch.Tensor]) -> float:
     """Largest absolute difference over paired tensors."""
     return max(float((a - b).abs().max()) for a, b in zip(first, second, strict=True))
+
+
+def image_features(model, inputs: dict):
+    """`get_image_features` on the processor's image inputs (LLaVA-NeXT also needs image_sizes)."""
+    return model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes"))
+
+
+def assert_matches_oracle(pruned, stock, inputs: dict):
+    """The oracle: generate() and forward() of the pruning model equal the stock model (same weights) fed the full
+    sequence with the attention mask zeroed at the dropped image tokens. Returns the image features output."""
+    policy = pruned.config.position_policy
+    with torch.no_grad():
+        image_output = image_features(pruned, inputs)
+        reference_inputs = oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy)
+        greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ours = pruned.generate(**inputs, **greedy)
+        reference = stock.generate(**reference_inputs, **greedy)
+
+        assert torch.equal(ours.sequences, reference.sequences)
+        assert torch.equal(ours.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+        assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE
+
+        forward = pruned(**inputs)
+        reference_forward = stock(**reference_inputs)
+    kept = forward.source_index >= 0
+    index = forward.source_index.clamp_min(0).unsqueeze(-1).expand(-1, -1, forward.logits.shape[-1])
+    reference_logits = torch.gather(reference_forward.logits, 1, index)
+    assert float((forward.logits - reference_logits)[kept].abs().max()) <= TOLERANCE
+    assert int(kept.sum()) == int(reference_inputs["attention_mask"].sum())
+    return image_output
