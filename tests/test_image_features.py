@@ -110,15 +110,13 @@ def test_randomized_solver_matches_exact_when_the_rank_covers_the_budget(
     assert torch.equal(exact_budgets, randomized_budgets)
 
 
-def test_budgets_and_selection_sync_with_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prune_images reads device values on the host once per batch (budgets and finiteness flags together)."""
-    from adaprune.configuration_adaprune import PruningSettings
-    from adaprune.image_pruning import prune_images
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu")
 
-    features = torch.randn(5, 64, 96)
-    signals = {"cls_attention": torch.rand(5, 64)}
+
+def record_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Patches every tensor method that reads values on the host; returns the list they append their names to."""
     reads: list[str] = []
-    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu"):
+    for name in HOST_READS:
         original = getattr(torch.Tensor, name)
 
         def counting(self, *args, _name=name, _original=original, **kwargs):
@@ -126,12 +124,55 @@ def test_budgets_and_selection_sync_with_the_host_once(monkeypatch: pytest.Monke
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    for solver in ("exact", "randomized"):
-        reads.clear()
-        pruning = prune_images(features, signals, PruningSettings(spectrum_solver=solver, min_tokens=2))
-        assert reads == ["tolist"], solver
+    return reads
+
+
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
+def test_budgets_and_selection_sync_with_the_host_once(solver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune_images reads device values on the host once per batch (budgets and finiteness flags together)."""
+    from adaprune.configuration_adaprune import PruningSettings
+    from adaprune.image_pruning import prune_images
+
+    features = torch.randn(5, 64, 96)
+    signals = {"cls_attention": torch.rand(5, 64)}
+    reads = record_host_reads(monkeypatch)
+    pruning = prune_images(features, signals, PruningSettings(spectrum_solver=solver, min_tokens=2))
+    assert reads == ["tolist"]
     monkeypatch.undo()
     assert [len(kept) for kept in pruning.kept_indices] == pruning.token_budgets.tolist()
+
+
+def test_groups_of_different_lengths_sync_with_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune_groups (LLaVA-NeXT units of several lengths) still reads the host once, and each group equals
+    pruning it alone."""
+    from adaprune.configuration_adaprune import PruningSettings
+    from adaprune.image_pruning import UnitGroup, prune_groups, prune_images
+
+    settings = PruningSettings(min_tokens=2, energy_ratio=0.8)
+    groups = [
+        UnitGroup(torch.randn(count, length, 48), {"cls_attention": torch.rand(count, length)}, images=[0] * count)
+        for count, length in ((2, 40), (1, 77), (3, 12))
+    ]
+    reads = record_host_reads(monkeypatch)
+    prunings = prune_groups(groups, settings)
+    assert reads == ["tolist"]
+    monkeypatch.undo()
+    for group, pruning in zip(groups, prunings):
+        alone = prune_images(group.spectrum_features, group.signals, settings)
+        assert torch.equal(pruning.token_budgets, alone.token_budgets)
+        assert all(torch.equal(a, b) for a, b in zip(pruning.kept_indices, alone.kept_indices))
+
+
+def test_non_finite_unit_names_its_image() -> None:
+    """A NaN in any unit of a group raises, naming the image the unit belongs to."""
+    from adaprune.configuration_adaprune import PruningSettings
+    from adaprune.image_pruning import UnitGroup, prune_groups
+
+    broken = torch.randn(3, 20, 8)
+    broken[1, 4, 2] = float("nan")
+    groups = [UnitGroup(torch.randn(2, 30, 8), images=[0, 1]), UnitGroup(broken, images=[2, 5, 7])]
+    with pytest.raises(ValueError, match=r"images \[5\] \(0-based, in batch order\) have non-finite visual features"):
+        prune_groups(groups, PruningSettings(selector="uniform"))
 
 
 @pytest.mark.parametrize("source", ["vision", "projected"])
