@@ -9,7 +9,9 @@ cache, the mask and RoPE positions stay aligned while the returned sequences kee
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -577,6 +579,26 @@ class AdaPruneLlavaForConditionalGeneration(PrunedGenerationMixin, LlavaForCondi
         self.post_init()
 
 
+def _with_signature_of(stock_forward: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Gives a shared forward the exact signature of a stock one: its argument order for positional callers, and
+    its parameter names, which `generate()` inspects (e.g. `mm_encoder_outputs` decides whether images are encoded
+    before beams are expanded). Every argument is passed on by name."""
+    signature = inspect.signature(stock_forward)
+    var_keyword = next(name for name, parameter in signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD)
+
+    def decorate(shared_forward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(shared_forward)
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            arguments.pop("self")
+            return shared_forward(self, **arguments.pop(var_keyword, {}), **arguments)
+
+        forward.__signature__ = signature  # type: ignore[attr-defined]
+        return forward
+
+    return decorate
+
+
 @dataclass(frozen=True)
 class _UnitBatch:
     """Budget units of equal length, stacked: the group to prune, and each unit's packed positions (u, N)."""
@@ -758,37 +780,7 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
             tokens_per_image=[len(layout) for layout in layouts],
         )
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        use_cache: bool | None = None,
-        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs: Any,
-    ) -> tuple | ModelOutput:
-        """The shared pruning forward with LLaVA-NeXT's signature (argument order, and the names `generate()`
-        looks for in it)."""
-        return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            use_cache=use_cache,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **kwargs,
-        )
+    forward = _with_signature_of(LlavaNextModel.forward)(PrunedPrefillMixin.forward)
 
 
 class AdaPruneLlavaNextForConditionalGeneration(
@@ -806,41 +798,7 @@ class AdaPruneLlavaNextForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs: Any,
-    ) -> tuple | ModelOutput:
-        """The shared pruning forward with LLaVA-NeXT's signature (argument order, and the names `generate()`
-        looks for in it)."""
-        return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **kwargs,
-        )
+    forward = _with_signature_of(LlavaNextForConditionalGeneration.forward)(PrunedGenerationMixin.forward)
 
 
 def _register_checkpoint_renames() -> None:

@@ -99,9 +99,10 @@ def build_processor(geometry: Geometry = SMALL_GEOMETRY) -> LlavaProcessor:
     )
 
 
-def build_config(processor: LlavaProcessor, geometry: Geometry = SMALL_GEOMETRY) -> LlavaConfig:
-    """A stock `LlavaConfig` matching the processor's tokenizer and the geometry."""
-    tokenizer = processor.tokenizer
+def tower_and_text_configs(
+    tokenizer: PreTrainedTokenizerFast, geometry: Geometry, max_positions: int = 4096
+) -> tuple[CLIPVisionConfig, LlamaConfig]:
+    """A CLIP vision tower and a Llama language model of the geometry's sizes, for the tokenizer's vocabulary."""
     vision = CLIPVisionConfig(
         image_size=geometry.image_size,
         patch_size=geometry.patch_size,
@@ -118,11 +119,17 @@ def build_config(processor: LlavaProcessor, geometry: Geometry = SMALL_GEOMETRY)
         num_hidden_layers=geometry.text_layers,
         num_attention_heads=geometry.text_heads,
         num_key_value_heads=geometry.text_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    return vision, text
+
+
+def build_config(processor: LlavaProcessor, geometry: Geometry = SMALL_GEOMETRY) -> LlavaConfig:
+    """A stock `LlavaConfig` matching the processor's tokenizer and the geometry."""
+    vision, text = tower_and_text_configs(processor.tokenizer, geometry)
     return LlavaConfig(
         vision_config=vision,
         text_config=text,

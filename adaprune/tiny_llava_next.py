@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from .tiny_llava import Geometry, build_tokenizer, prepare_stock_weights
+from .tiny_llava import Geometry, build_tokenizer, prepare_stock_weights, tower_and_text_configs
 
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 NEXT_GEOMETRY = replace(
@@ -48,28 +46,7 @@ def build_next_processor(geometry: Geometry = NEXT_GEOMETRY) -> LlavaNextProcess
 
 def build_next_config(processor: LlavaNextProcessor, geometry: Geometry = NEXT_GEOMETRY) -> LlavaNextConfig:
     """A stock `LlavaNextConfig` matching the processor's tokenizer and the geometry."""
-    tokenizer = processor.tokenizer
-    vision = CLIPVisionConfig(
-        image_size=geometry.image_size,
-        patch_size=geometry.patch_size,
-        hidden_size=geometry.vision_hidden,
-        intermediate_size=geometry.vision_intermediate,
-        num_hidden_layers=geometry.vision_layers,
-        num_attention_heads=geometry.vision_heads,
-        projection_dim=geometry.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=geometry.text_hidden,
-        intermediate_size=geometry.text_intermediate,
-        num_hidden_layers=geometry.text_layers,
-        num_attention_heads=geometry.text_heads,
-        num_key_value_heads=geometry.text_heads,
-        max_position_embeddings=8192,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    vision, text = tower_and_text_configs(processor.tokenizer, geometry, max_positions=8192)
     return LlavaNextConfig(
         vision_config=vision,
         text_config=text,
