@@ -75,7 +75,8 @@ def test_mixed_batch_matches_masked_stock_model(
 def test_random_batches_match_masked_stock_model(
     seed: int, next_checkpoint, next_processor: LlavaNextProcessor, next_stock, next_images: dict
 ) -> None:
-    """Batch 1-3, 0-2 images per prompt of random sizes, random settings: equal to the masked stock model."""
+    """Batch 1-3, 0-2 images per prompt of random sizes, random settings (scope, newlines, positions, selector,
+    spectrum source, energy or fixed budgets): equal to the masked stock model."""
     rng = random.Random(seed)
     pruned = load_pruned(
         next_checkpoint,
@@ -85,6 +86,9 @@ def test_random_batches_match_masked_stock_model(
         newline_policy=rng.choice(["keep_rows", "drop"]),
         position_policy=rng.choice(["compact", "original"]),
         selector=rng.choice(["cls_attention", "uniform"]),
+        spectrum_source=rng.choice(["vision", "projected"]),
+        budget_mode=rng.choice(["energy", "energy", "fixed"]),
+        fixed_tokens=rng.randint(1, 40),
     )
     prompts, counts = random_prompts(rng, batch=rng.randint(1, 3))
     images = [rng.choice(list(next_images.values())) for _ in range(sum(counts))]
