@@ -47,6 +47,8 @@ class Geometry:
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate: int = 128
+    # None: the tokenizer's size; a larger vocabulary sizes the embedding and LM head like a real model's.
+    text_vocab: int | None = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -97,6 +99,11 @@ def build_processor(geometry: Geometry = SMALL_GEOMETRY) -> LlavaProcessor:
 def build_config(processor: LlavaProcessor, geometry: Geometry = SMALL_GEOMETRY) -> LlavaConfig:
     """A stock `LlavaConfig` matching the processor's tokenizer and the geometry."""
     tokenizer = processor.tokenizer
+    if geometry.text_vocab is not None and geometry.text_vocab < len(tokenizer):
+        raise ValueError(
+            f"text_vocab must be at least the tokenizer's {len(tokenizer)} tokens, got {geometry.text_vocab}; "
+            "use None for the tokenizer's size"
+        )
     vision = CLIPVisionConfig(
         image_size=geometry.image_size,
         patch_size=geometry.patch_size,
@@ -107,7 +114,7 @@ def build_config(processor: LlavaProcessor, geometry: Geometry = SMALL_GEOMETRY)
         projection_dim=geometry.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=geometry.text_vocab or len(tokenizer),
         hidden_size=geometry.text_hidden,
         intermediate_size=geometry.text_intermediate,
         num_hidden_layers=geometry.text_layers,
