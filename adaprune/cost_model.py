@@ -67,7 +67,9 @@ def decoder_linear_flops(lm: LanguageModelGeometry, tokens: int) -> int:
     """FLOPs of every decoder layer's weight matrices (attention projections and MLP) for `tokens` tokens."""
     query_width = lm.num_heads * lm.attention_head_dim
     kv_width = lm.num_kv_heads * lm.attention_head_dim
-    per_token = 2 * (2 * lm.hidden_size * query_width + 2 * lm.hidden_size * kv_width + 3 * lm.hidden_size * lm.intermediate_size)
+    per_token = 2 * (
+        2 * lm.hidden_size * query_width + 2 * lm.hidden_size * kv_width + 3 * lm.hidden_size * lm.intermediate_size
+    )
     return lm.num_layers * per_token * tokens
 
 

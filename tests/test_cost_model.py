@@ -21,9 +21,13 @@ from adaprune.cost_model import (
 )
 
 # hidden 8, 2 layers, MLP 16, 2 query heads of width 4 sharing 1 key/value head, vocabulary 10.
-TINY_LM = LanguageModelGeometry(hidden_size=8, num_layers=2, intermediate_size=16, num_heads=2, num_kv_heads=1, vocab_size=10)
+TINY_LM = LanguageModelGeometry(
+    hidden_size=8, num_layers=2, intermediate_size=16, num_heads=2, num_kv_heads=1, vocab_size=10
+)
 # width 4, 1 layer, MLP 8, 4x4 px images in 2x2 px patches (4 patches + [CLS]), projector to width 6.
-TINY_VISION = VisionTowerGeometry(hidden_size=4, num_layers=1, intermediate_size=8, image_size=4, patch_size=2, projector_output=6)
+TINY_VISION = VisionTowerGeometry(
+    hidden_size=4, num_layers=1, intermediate_size=8, image_size=4, patch_size=2, projector_output=6
+)
 
 
 def test_tiny_language_model_by_hand() -> None:
@@ -77,7 +81,12 @@ def test_linear_flops_are_twice_the_decoder_weights(geometry: LanguageModelGeome
 def test_vision_layers_match_a_real_clip_tower() -> None:
     """The per-layer weight FLOPs of CLIP ViT-L/14-336 equal twice its layers' weights per token."""
     config = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
     )
     with torch.device("meta"):
         tower = CLIPVisionModel(config)
@@ -94,4 +103,6 @@ def test_fewer_visual_tokens_cost_less_and_vision_does_not_shrink() -> None:
     full = llava_prefill_flops(LLAVA_15_7B, CLIP_VIT_L_336, 576, 40)
     pruned = llava_prefill_flops(LLAVA_15_7B, CLIP_VIT_L_336, 64, 40)
     assert pruned < full
-    assert full - pruned == language_model_prefill_flops(LLAVA_15_7B, 616) - language_model_prefill_flops(LLAVA_15_7B, 104)
+    assert full - pruned == language_model_prefill_flops(LLAVA_15_7B, 616) - language_model_prefill_flops(
+        LLAVA_15_7B, 104
+    )
