@@ -53,7 +53,7 @@ from .cost_model import (
     language_model_prefill_flops,
     llava_prefill_flops,
 )
-from .demo import DEFAULT_QUESTION, prompt_for
+from .demo import DEFAULT_QUESTION, median_seconds, prompt_for
 from .modeling_adaprune import AdaPruneLlavaForConditionalGeneration
 from .spectral_budget import budgets_from_curves, energy_curves
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
@@ -161,17 +161,15 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _median_seconds(call: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median wall time of `call` (under inference mode) over `repeats` runs after one warm-up run."""
-    timings = []
-    with torch.inference_mode():
+    """Median wall time of `call` (under inference mode, device synchronized) over `repeats` runs after a warm-up."""
+
+    def synchronized() -> None:
         call()
-        for _ in range(repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            call()
-            _synchronize(device)
-            timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+        _synchronize(device)
+
+    with torch.inference_mode():
+        synchronized()
+        return median_seconds(synchronized, repeats)
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
@@ -752,27 +750,32 @@ def _markdown(results: dict[str, Any], plots: list[str]) -> str:
     if results.get("quick"):
         parts.append("**Quick run: a tiny model to check the command. These numbers say nothing about performance.**")
     geometry = setting["geometry"]
-    parts.append(
-        "Model: vision tower {vision_layers} layers x {vision_hidden} wide ({tokens} visual tokens per image), "
-        "language model {text_layers} layers x {text_hidden} wide, MLP {text_intermediate}, {text_heads} heads, "
-        "vocabulary {vocab}; random weights, float32. {images} images of varied density, {new_tokens} new tokens per "
-        "prompt, medians of {repeats} timed passes after a warm-up pass; min_tokens {min_tokens}.".format(
-            tokens=results.get("tokens_per_image"),
-            vocab=geometry["text_vocab"] or "tokenizer's",
-            images=setting["images"],
-            new_tokens=setting["new_tokens"],
-            repeats=setting["repeats"],
-            min_tokens=setting["min_tokens"],
-            **geometry,
+    if "end_to_end" in results or "solvers" in results:
+        parts.append(
+            "Model: vision tower {vision_layers} layers x {vision_hidden} wide ({tokens} visual tokens per image), "
+            "language model {text_layers} layers x {text_hidden} wide, MLP {text_intermediate}, {text_heads} heads, "
+            "vocabulary {vocab}; random weights, float32. {images} images of varied density, {new_tokens} new tokens per "
+            "prompt, medians of {repeats} timed passes after a warm-up pass; min_tokens {min_tokens}.".format(
+                tokens=results.get("tokens_per_image"),
+                vocab=geometry["text_vocab"] or "tokenizer's",
+                images=setting["images"],
+                new_tokens=setting["new_tokens"],
+                repeats=setting["repeats"],
+                min_tokens=setting["min_tokens"],
+                **geometry,
+            )
         )
-    )
     if "end_to_end" in results:
         parts.append(_end_to_end_markdown(results))
     if "solvers" in results:
         parts.append(_solvers_markdown(results["solvers"], machine))
     if "cost_model" in results:
         parts.append(_cost_markdown(results["cost_model"]))
-    parts.append("## Goals\n\n" + _table(["goal", "measured", "status"], _goals(results)))
+    goals = _goals(results)
+    parts.append(
+        "## Goals\n\n"
+        + (_table(["goal", "measured", "status"], goals) if goals else "The sections run measure none of the goals.")
+    )
     parts.append("## Plots\n\n" + "\n\n".join(f"![{name}]({name})" for name in plots))
     return "\n\n".join(parts) + "\n"
 
@@ -1086,22 +1089,27 @@ def run(args: argparse.Namespace) -> int:
         "setting": asdict(setting),
         "tokens_per_image": setting.geometry.tokens_per_image,
     }
-    with tempfile.TemporaryDirectory() as directory:
-        log(f"building the benchmark model in {directory} ...")
-        checkpoint = save_tiny_llava(Path(directory) / "llava", setting.geometry)
-        processor = LlavaProcessor.from_pretrained(checkpoint)
-        stock = LlavaForConditionalGeneration.from_pretrained(checkpoint).to(device).eval()
-        images = _benchmark_images(setting.geometry.image_size, setting.images)
-        features = _vision_features(
-            stock, processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
-        )
-        if "e2e" in args.sections:
-            log("end to end:")
-            results["end_to_end"] = _end_to_end(setting, checkpoint, processor, stock, images, features, device, log)
-        if "solver" in args.sections:
-            log("budget computation alone:")
-            ratios = [entry["energy_ratio"] for entry in results.get("end_to_end", {}).get("calibration", {}).values()]
-            results["solvers"] = _solvers(features, ratios, setting, device, log)
+    if {"e2e", "solver"} & set(args.sections):
+        with tempfile.TemporaryDirectory() as directory:
+            log(f"building the benchmark model in {directory} ...")
+            checkpoint = save_tiny_llava(Path(directory) / "llava", setting.geometry)
+            processor = LlavaProcessor.from_pretrained(checkpoint)
+            stock = LlavaForConditionalGeneration.from_pretrained(checkpoint).to(device).eval()
+            images = _benchmark_images(setting.geometry.image_size, setting.images)
+            features = _vision_features(
+                stock, processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
+            )
+            if "e2e" in args.sections:
+                log("end to end:")
+                results["end_to_end"] = _end_to_end(
+                    setting, checkpoint, processor, stock, images, features, device, log
+                )
+            if "solver" in args.sections:
+                log("budget computation alone:")
+                ratios = [
+                    entry["energy_ratio"] for entry in results.get("end_to_end", {}).get("calibration", {}).values()
+                ]
+                results["solvers"] = _solvers(features, ratios, setting, device, log)
     if "cost" in args.sections:
         results["cost_model"] = _cost_model()
     results["load_average_1min_after"] = os.getloadavg()[0]
