@@ -50,8 +50,9 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
         # The ideal runs the adaptive budgets, on the same padded lengths.
         for field in ("mean_kept", "min_kept", "max_kept", "padding_fraction", "kv_cache_bytes"):
             assert by_key[(size, "ideal", target)][field] == by_key[(size, "adaptive", target)][field]
-    for target, entry in results["end_to_end"]["calibration"].items():
+    for entry in results["end_to_end"]["calibration"].values():
         assert 0 < entry["energy_ratio"] <= 1 and len(entry["budgets"]) == 2
+        assert entry["budgets"][0] < entry["budgets"][1], "the images should differ in density"
     assert by_key[(2, "stock", None)]["kv_cache_bytes"] > by_key[(2, "adaptive", 8)]["kv_cache_bytes"]
 
     timings = results["solvers"]["timings"]
