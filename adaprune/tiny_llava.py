@@ -52,6 +52,8 @@ class Geometry:
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate: int = 128
+    # None: the tokenizer's size; a larger vocabulary sizes the embedding and LM head like a real model's.
+    text_vocab: int | None = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -102,7 +104,13 @@ def build_processor(geometry: Geometry = SMALL_GEOMETRY) -> LlavaProcessor:
 def tower_and_text_configs(
     tokenizer: PreTrainedTokenizerFast, geometry: Geometry, max_positions: int = 4096
 ) -> tuple[CLIPVisionConfig, LlamaConfig]:
-    """A CLIP vision tower and a Llama language model of the geometry's sizes, for the tokenizer's vocabulary."""
+    """A CLIP vision tower and a Llama language model of the geometry's sizes, for the tokenizer's vocabulary
+    (or the geometry's larger `text_vocab`)."""
+    if geometry.text_vocab is not None and geometry.text_vocab < len(tokenizer):
+        raise ValueError(
+            f"text_vocab must be at least the tokenizer's {len(tokenizer)} tokens, got {geometry.text_vocab}; "
+            "use None for the tokenizer's size"
+        )
     vision = CLIPVisionConfig(
         image_size=geometry.image_size,
         patch_size=geometry.patch_size,
@@ -113,7 +121,7 @@ def tower_and_text_configs(
         projection_dim=geometry.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=geometry.text_vocab or len(tokenizer),
         hidden_size=geometry.text_hidden,
         intermediate_size=geometry.text_intermediate,
         num_hidden_layers=geometry.text_layers,
