@@ -173,7 +173,9 @@ def check_publishable(checkpoint: Path) -> None:
     """Raises PublishError unless `checkpoint` is a converted checkpoint: config with auto_map, its code, weights."""
     config_path = checkpoint / "config.json"
     if not config_path.is_file():
-        raise PublishError(f"CHECKPOINT {str(checkpoint)!r} has no config.json; pass a directory written by adaprune convert")
+        raise PublishError(
+            f"CHECKPOINT {str(checkpoint)!r} has no config.json; pass a directory written by adaprune convert"
+        )
     auto_map = read_config(checkpoint).get("auto_map")
     if not auto_map:
         raise PublishError(

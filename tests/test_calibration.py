@@ -21,8 +21,9 @@ def random_curves(seed: int, n_images: int, n_tokens: int = 64, units: int = 1) 
     images = []
     for _ in range(n_images):
         rank = int(torch.randint(2, n_tokens, (1,), generator=generator))
-        features = torch.randn(units, n_tokens, rank, generator=generator) @ torch.randn(units, rank, 32, generator=generator)
-        images.append(list(energy_curves(features).unbind(0)))
+        factors = torch.randn(units, n_tokens, rank, generator=generator)
+        mixing = torch.randn(units, rank, 32, generator=generator)
+        images.append(list(energy_curves(factors @ mixing).unbind(0)))
     return images
 
 
@@ -32,7 +33,10 @@ def test_image_budget_is_the_sum_of_its_units_clamped_budgets() -> None:
     unit_curves = UnitCurves.from_images(curves)
     for tau, min_tokens, max_tokens in ((0.5, 3, None), (0.9, 1, 20), (1.0, 8, 30)):
         expected = [
-            sum(int(budgets_from_curves(unit[None], tau, min_tokens=min_tokens, max_tokens=max_tokens)) for unit in units)
+            sum(
+                int(budgets_from_curves(unit[None], tau, min_tokens=min_tokens, max_tokens=max_tokens))
+                for unit in units
+            )
             for units in curves
         ]
         assert unit_curves.budgets(tau, min_tokens, max_tokens).tolist() == expected
