@@ -26,6 +26,8 @@ from .workflow import (
     inspect_image,
     load_model,
     open_image,
+    positive_float,
+    positive_int,
 )
 
 PROG = "adaprune"
@@ -84,26 +86,6 @@ def pruning_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {field: getattr(args, field) for field in PRUNING_OPTIONS if hasattr(args, field)}
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
-
-
 def add_private_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
 
@@ -152,11 +134,11 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "images", metavar="IMAGES", type=Path, help="folder of image files, or a dataset saved with datasets"
     )
     parser.add_argument(
-        "--target-mean-tokens", type=_positive_float, required=True, help="mean tokens per image tau is chosen for"
+        "--target-mean-tokens", type=positive_float, required=True, help="mean tokens per image tau is chosen for"
     )
     parser.add_argument("--image-column", help="image column of a dataset (default: its first Image column)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward (default 8)")
-    parser.add_argument("--examples", type=_positive_int, default=4, help="images shown in the plots (default 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward (default 8)")
+    parser.add_argument("--examples", type=positive_int, default=4, help="images shown in the plots (default 4)")
     parser.add_argument(
         "--output-dir", type=Path, default=Path("outputs/calibrate"), help="where plots and calibration.json go"
     )
@@ -188,8 +170,8 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help=f"question about the image (default {DEFAULT_PROMPT!r})"
     )
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="answer length limit (default 32)")
-    parser.add_argument("--repeats", type=_positive_int, default=3, help="timed prefill runs (median; default 3)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length limit (default 32)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed prefill runs (median; default 3)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/inspect"), help="where the overlay PNG goes")
 
 

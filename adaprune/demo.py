@@ -22,7 +22,16 @@ import numpy as np
 from PIL import Image
 
 from .tiny_llava import DEMO_GEOMETRY, sample_images, save_tiny_llava
-from .workflow import DEFAULT_PROMPT, calibrate_checkpoint, convert_checkpoint, image_set, inspect_image, load_model
+from .workflow import (
+    DEFAULT_PROMPT,
+    calibrate_checkpoint,
+    convert_checkpoint,
+    image_set,
+    inspect_image,
+    load_model,
+    positive_float,
+    positive_int,
+)
 
 NOISE_SHARES = (0.125, 0.25, 0.5)
 
@@ -51,10 +60,12 @@ def demo_images(size: int) -> dict[str, Image.Image]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="llava-hf checkpoint directory or Hub id (default: built-in small LLaVA)")
-    parser.add_argument("--target-mean-tokens", type=float, default=64, help="mean tokens per image (default 64)")
+    parser.add_argument(
+        "--target-mean-tokens", type=positive_float, default=64, help="mean tokens per image (default 64)"
+    )
     parser.add_argument("--min-tokens", type=int, default=16, help="smallest budget an image can get (default 16)")
     parser.add_argument("--question", default=DEFAULT_PROMPT, help=f"question for inspect (default {DEFAULT_PROMPT!r})")
-    parser.add_argument("--max-new-tokens", type=int, default=12, help="answer length limit (default 12)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=12, help="answer length limit (default 12)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="default outputs/demo")
 
 

@@ -10,6 +10,7 @@ converted checkpoint (our own model type) is accepted wherever a stock one is.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -52,6 +53,28 @@ KeptPatchView = Callable[
 
 class UsageError(Exception):
     """Bad input from the user: a one-line message naming the value, what was expected and what to do."""
+
+
+def positive_int(value: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return number
 
 
 def processed_image(pixel_values: torch.Tensor, image_processor: Any) -> Image.Image:

@@ -435,6 +435,7 @@ BAD_ARGUMENTS = [
     ),
     (["publish", "{stock}", "me/x"], "has no auto_map in config.json"),
     (["publish", "{missing}", "me/x"], "CHECKPOINT '{missing}' is not a directory"),
+    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: expected a whole number >= 1, got '0'"),
 ]
 
 
