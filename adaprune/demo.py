@@ -1,27 +1,39 @@
-"""The main job, end to end: convert a LLaVA checkpoint, load it through the Auto classes, prune and generate.
+"""The main job, end to end and offline: convert a LLaVA checkpoint, calibrate tau on sample images, inspect two.
 
 With no --model it builds a small LLaVA locally (LLaVA-1.5 vision geometry, an 8-layer 512-wide language model,
-random weights; cached), so it runs offline. It prints each image's token budget, the answers, and the prefill
-time with pruning on and off.
+random weights; cached under the user's cache directory). The sample images range from a flat colour to dense
+noise, with noise over a growing share of the picture in between. Steps, each an `adaprune` subcommand:
 
-    python -m adaprune.demo [--model DIR_OR_HUB_ID] [--energy-ratio 0.9] [--output-dir outputs/demo]
+1. convert the checkpoint into OUTPUT_DIR/converted (loads with trust_remote_code);
+2. calibrate tau there so the mean budget over the images is --target-mean-tokens, writing it into the config and
+   the plots into OUTPUT_DIR;
+3. inspect the plainest and the busiest image: budget, kept patches, answers and prefill times pruned vs unpruned.
+
+    adaprune demo [--model DIR_OR_HUB_ID] [--target-mean-tokens 64] [--output-dir outputs/demo]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+import numpy as np
+from PIL import Image
 
-from .modeling_adaprune import AdaPruneLlavaForConditionalGeneration
 from .tiny_llava import DEMO_GEOMETRY, sample_images, save_tiny_llava
+from .workflow import (
+    DEFAULT_PROMPT,
+    calibrate_checkpoint,
+    convert_checkpoint,
+    image_set,
+    inspect_image,
+    load_model,
+    positive_float,
+    positive_int,
+)
 
-DEFAULT_QUESTION = "describe this picture"
+NOISE_SHARES = (0.125, 0.25, 0.5)
 
 
 def default_checkpoint() -> Path:
@@ -33,78 +45,63 @@ def default_checkpoint() -> Path:
     return cache
 
 
-def prompt_for(processor, question: str) -> str:
-    """The model's chat format when it has one, else LLaVA-1.5's plain USER/ASSISTANT format."""
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image> {question} ASSISTANT:"
+def demo_images(size: int) -> dict[str, Image.Image]:
+    """`sample_images` (plain, gradient, shapes, busy) plus the gradient with its top 1/8, 1/4 and 1/2 replaced by
+    the busy image's noise, so that calibration sees a spread of densities rather than two clusters."""
+    images = sample_images(size)
+    noise, gradient = np.asarray(images["busy"]), np.asarray(images["gradient"])
+    for share in NOISE_SHARES:
+        mixed = gradient.copy()
+        rows = round(size * share)
+        mixed[:rows] = noise[:rows]
+        images[f"noise-top-{round(share * 100)}pct"] = Image.fromarray(mixed)
+    return images
 
 
-def median_seconds(run, repeats: int = 3) -> float:
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="llava-hf checkpoint directory or Hub id (default: built-in small LLaVA)")
-    parser.add_argument("--energy-ratio", type=float, default=0.9, help="spectral energy kept, tau in (0, 1]")
-    parser.add_argument("--min-tokens", type=int, default=16, help="smallest budget an image can get")
-    parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-
-    source = args.model or default_checkpoint()
-    converted = args.output_dir / "converted"
-    model = AdaPruneLlavaForConditionalGeneration.from_pretrained(
-        source, energy_ratio=args.energy_ratio, min_tokens=args.min_tokens
+    parser.add_argument(
+        "--target-mean-tokens", type=positive_float, default=64, help="mean tokens per image (default 64)"
     )
-    model.save_pretrained(converted)
-    AutoProcessor.from_pretrained(source).save_pretrained(converted)
-    print(f"converted {source} -> {converted} (loads with trust_remote_code=True)")
+    parser.add_argument("--min-tokens", type=int, default=16, help="smallest budget an image can get (default 16)")
+    parser.add_argument("--question", default=DEFAULT_PROMPT, help=f"question for inspect (default {DEFAULT_PROMPT!r})")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=12, help="answer length limit (default 12)")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="default outputs/demo")
 
-    model = AutoModelForImageTextToText.from_pretrained(converted, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(converted)
-    print(f"loaded {type(model).__name__} from {type(model).__module__}")
 
-    image_size = processor.image_processor.crop_size["height"]
-    images = sample_images(image_size)
-    prompts = [prompt_for(processor, args.question)] * len(images)
-    inputs = processor(images=list(images.values()), text=prompts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        image_output = model.get_image_features(pixel_values=inputs["pixel_values"])
-        pruned_sequences = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        pruned_prefill = median_seconds(lambda: model(**inputs, logits_to_keep=1))
-        model.config.enabled = False
-        stock_sequences = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        stock_prefill = median_seconds(lambda: model(**inputs, logits_to_keep=1))
-        model.config.enabled = True
+def run(args: argparse.Namespace) -> int:
+    """convert -> calibrate -> inspect, printing each step's report."""
+    source = args.model or str(default_checkpoint())
+    output_dir: Path = args.output_dir
+    converted = output_dir / "converted"
+    print(f"== convert {source}")
+    convert_checkpoint(source, converted, {"min_tokens": args.min_tokens}, overwrite=True)
 
-    prompt_length = inputs["input_ids"].shape[1]
-    pruned_answers = processor.batch_decode(pruned_sequences[:, prompt_length:], skip_special_tokens=True)
-    stock_answers = processor.batch_decode(stock_sequences[:, prompt_length:], skip_special_tokens=True)
-    print(f"\nenergy_ratio={model.config.energy_ratio}  min_tokens={model.config.min_tokens}")
-    print(f"{'image':<10} {'budget':>7} {'kept':>7}  answer (pruned | stock)")
-    for name, budget, tokens, pruned_answer, stock_answer in zip(
-        images, image_output.token_budgets.tolist(), image_output.tokens_per_image, pruned_answers, stock_answers
-    ):
-        print(f"{name:<10} {budget:>7} {budget / tokens:>7.1%}  {pruned_answer.strip()!r} | {stock_answer.strip()!r}")
-    kept = sum(image_output.token_budgets.tolist())
-    total = sum(image_output.tokens_per_image)
-    print(
-        f"\nbatch of {len(images)}: {kept} of {total} visual tokens kept; prefill {pruned_prefill * 1e3:.0f} ms "
-        f"pruned vs {stock_prefill * 1e3:.0f} ms stock (median of 3, {torch.get_num_threads()} threads)"
-    )
+    loaded = load_model(str(converted), {})
+    images_dir = output_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for name, image in demo_images(loaded.processor.image_processor.crop_size["height"]).items():
+        image.save(images_dir / f"{name}.png")
+    images = image_set(images_dir)
+    print(f"\n== calibrate on {len(images)} sample images in {images_dir}")
+    budgets = calibrate_checkpoint(loaded, images, args.target_mean_tokens, output_dir, write_config=True).record[
+        "budgets"
+    ]
+    for name, budget in budgets.items():
+        print(f"  {name:<22} {budget:>4} tokens")
+
+    for name in (min(budgets, key=budgets.get), max(budgets, key=budgets.get)):
+        print(f"\n== inspect {name}")
+        inspect_image(loaded, images_dir / name, output_dir, question=args.question, max_new_tokens=args.max_new_tokens)
     if not args.model:
-        print("(built-in model: random weights, so the answers are arbitrary words)")
+        print("\n(built-in model: random weights, so the answers are arbitrary words)")
+    print(f"\nconverted checkpoint: {converted}  (adaprune publish {converted} YOUR_NAME/REPO to upload it)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

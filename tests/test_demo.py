@@ -1,28 +1,55 @@
-"""The main job (README's first command) runs end to end on a local checkpoint."""
+"""The main job (README's first command): convert -> calibrate -> inspect, here on a local tiny checkpoint."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
-from adaprune.demo import main
+from adaprune.cli import main
+from adaprune.demo import demo_images
+from adaprune.tiny_llava import SMALL_GEOMETRY
+
+TARGET = 12
 
 
-def test_demo_converts_loads_and_reports_budgets(small_checkpoint, tmp_path, capsys: pytest.CaptureFixture) -> None:
-    main(["--model", str(small_checkpoint), "--output-dir", str(tmp_path), "--max-new-tokens", "3", "--min-tokens", "2"])
+def test_demo_converts_calibrates_and_inspects(
+    small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [
+        "demo",
+        "--model",
+        str(small_checkpoint),
+        "--output-dir",
+        str(tmp_path),
+        "--target-mean-tokens",
+        str(TARGET),
+    ]
+    assert main([*argv, "--min-tokens", "2", "--max-new-tokens", "2"]) == 0
     report = capsys.readouterr().out
 
-    config = json.loads((tmp_path / "converted" / "config.json").read_text())
+    converted = tmp_path / "converted"
+    config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "llava_adaprune"
     assert "AutoModelForImageTextToText" in config["auto_map"]
-    rows = {
-        match["name"]: int(match["budget"])
-        for match in re.finditer(r"^(?P<name>plain|gradient|shapes|busy)\s+(?P<budget>\d+)\s", report, re.MULTILINE)
-    }
-    assert set(rows) == {"plain", "gradient", "shapes", "busy"}
-    assert all(2 <= budget <= 64 for budget in rows.values())
-    assert rows["plain"] < rows["busy"]
-    kept = re.search(r"(\d+) of (\d+) visual tokens kept", report)
-    assert kept and int(kept[1]) == sum(rows.values()) and int(kept[2]) == 4 * 64
+    record = json.loads((tmp_path / "calibration.json").read_text())
+    assert config["energy_ratio"] == record["statistics"]["energy_ratio"] and config["min_tokens"] == 2
+    assert (converted / "adaprune_calibration.json").is_file() and (converted / "README.md").is_file()
+
+    names = [f"{name}.png" for name in demo_images(SMALL_GEOMETRY.image_size)]
+    rows = {match[1]: int(match[2]) for match in re.finditer(r"^  (\S+\.png) +(\d+) tokens$", report, re.MULTILINE)}
+    assert rows == record["budgets"] and sorted(rows) == sorted(names)
+    assert abs(sum(rows.values()) / len(rows) - TARGET) <= 1
+    assert rows["plain.png"] < rows["noise-top-50pct.png"] < rows["busy.png"]
+
+    plainest, busiest = min(rows, key=rows.get), max(rows, key=rows.get)
+    inspected = re.findall(r"^== inspect (\S+)$", report, re.MULTILINE)
+    assert inspected == [plainest, busiest]
+    for name in inspected:
+        assert f"{name}: {rows[name]} of {SMALL_GEOMETRY.tokens_per_image} visual tokens kept" in report
+        assert (tmp_path / f"{Path(name).stem}_kept_patches.png").is_file()
+    for picture in ("budget_histogram.png", "energy_curves.png", "kept_patches.png"):
+        assert (tmp_path / picture).is_file()
+    assert len(re.findall(r"^  (?:pruned|unpruned) +\d+ ms  '", report, re.MULTILINE)) == 4
