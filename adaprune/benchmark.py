@@ -55,7 +55,7 @@ from .cost_model import (
     language_model_prefill_flops,
     llava_prefill_flops,
 )
-from .demo import DEFAULT_QUESTION, median_seconds, prompt_for
+from .workflow import DEFAULT_PROMPT, median_seconds, prompt_for
 from .modeling_adaprune import AdaPruneLlavaForConditionalGeneration
 from .spectral_budget import budgets_from_curves, energy_curves
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
@@ -170,7 +170,6 @@ def _median_seconds(call: Callable[[], Any], repeats: int, device: torch.device)
         _synchronize(device)
 
     with torch.inference_mode():
-        synchronized()
         return median_seconds(synchronized, repeats)
 
 
@@ -397,7 +396,7 @@ def _end_to_end(
     config = stock.config
     lm = _language_model_geometry(config)
     vision = _vision_geometry(config)
-    prompt = prompt_for(processor, DEFAULT_QUESTION)
+    prompt = prompt_for(processor, DEFAULT_PROMPT)
     curves = energy_curves(features)
     ratios = {target: _calibrated_ratio(curves, target, setting.min_tokens) for target in setting.targets}
     calibration = {}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import demo
+from . import benchmark, demo
 from .calibration import CalibrationError
 from .model_card import CALIBRATION_FILE, PublishError, publish_checkpoint
 from .workflow import (
@@ -233,6 +233,12 @@ SUBCOMMANDS: list[Subcommand] = [
         "convert, calibrate and inspect on a built-in small LLaVA (or --model), offline",
         demo.add_arguments,
         demo.run,
+    ),
+    (
+        "bench",
+        "measure speed, memory and budget cost against the stock model (writes tables and plots)",
+        benchmark.add_arguments,
+        benchmark.run,
     ),
 ]
 

@@ -27,8 +27,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
+from .anyres_layout import packed_layout, patch_boxes
 from .calibration import Calibration, UnitCurves, calibrate_energy_ratio
-from .configuration_adaprune import AdaPruneConfig, PruningSettings
+from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings
 from .model_card import (
     base_model_id,
     base_model_license,
@@ -38,12 +39,17 @@ from .model_card import (
     write_calibration_record,
     write_model_card,
 )
-from .modeling_adaprune import AdaPruneImageFeaturesOutput, AdaPruneLlavaForConditionalGeneration
+from .modeling_adaprune import (
+    AdaPruneImageFeaturesOutput,
+    AdaPruneLlavaForConditionalGeneration,
+    AdaPruneLlavaNextForConditionalGeneration,
+)
 from .plots import Box, draw_kept_patches, save_budget_histogram, save_energy_curves, save_overlays
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 DEFAULT_PROMPT = "describe this picture"
+OVERLAY_LONG_SIDE = 672  # pixels on the longer side of a LLaVA-NeXT overlay
 
 # (model inputs, image index, pruned image features, model config, image processor) -> (picture, kept patch boxes)
 KeptPatchView = Callable[
@@ -105,6 +111,27 @@ def llava_kept_patches(
     return picture, boxes
 
 
+def llava_next_kept_patches(
+    inputs: Mapping[str, torch.Tensor],
+    image_index: int,
+    image_output: AdaPruneImageFeaturesOutput,
+    config: Any,
+    image_processor: Any,
+) -> tuple[Image.Image, list[Box]]:
+    """LLaVA-NeXT: the base crop stretched back to the image's aspect ratio (longer side `OVERLAY_LONG_SIDE`), and
+    one box per kept visual token: coarse base-crop patches and fine grid patches (kept newlines have none)."""
+    height, width = inputs["image_sizes"][image_index].tolist()
+    vision = config.vision_config
+    layout = packed_layout((height, width), config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+    kept = image_output.kept_indices[image_index].cpu()
+    kept = kept[~layout.is_newline[kept]]
+    scale = OVERLAY_LONG_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = processed_image(inputs["pixel_values"][image_index][0], image_processor).resize(size)
+    boxes = (patch_boxes(layout, (height, width))[kept] * scale).round().long()
+    return picture, [(left, top, right, bottom) for left, top, right, bottom in boxes.tolist()]
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """The pruning classes for one stock model type, and how its kept tokens map to boxes (None: no overlays)."""
@@ -117,6 +144,9 @@ class ModelFamily:
 # Stock model_type -> pruning classes. A converted checkpoint is found by its config class's own model type.
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "llava": ModelFamily(AdaPruneConfig, AdaPruneLlavaForConditionalGeneration, llava_kept_patches),
+    "llava_next": ModelFamily(
+        AdaPruneLlavaNextConfig, AdaPruneLlavaNextForConditionalGeneration, llava_next_kept_patches
+    ),
 }
 
 
@@ -473,16 +503,21 @@ def prompt_for(processor: ProcessorMixin, question: str) -> str:
     return f"USER: <image> {question} ASSISTANT:"
 
 
+def median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `run` over `repeats` calls, after one untimed warm-up call."""
+    run()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
 def prefill_seconds(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], repeats: int) -> float:
     """Median time of one forward over the prompt, vision tower included, after one warm-up run."""
-    timings = []
     with torch.no_grad():
-        for attempt in range(repeats + 1):
-            start = time.perf_counter()
-            model(**inputs, logits_to_keep=1)
-            if attempt:
-                timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+        return median_seconds(lambda: model(**inputs, logits_to_keep=1), repeats)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ MIN_TOKENS = 2
 SELECTOR = "uniform"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CODE_FILES = {
+    "anyres_layout.py",
     "configuration_adaprune.py",
     "image_pruning.py",
     "modeling_adaprune.py",
