@@ -52,7 +52,8 @@ def _max_tokens(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
 
 
-# Config field -> (type or action, help). Values are validated by PruningSettings, with the config's messages.
+# Config field -> (type or action, help). Values are validated by the model type's settings class (PruningSettings
+# or AnyResPruningSettings), with the config's messages.
 PRUNING_OPTIONS: dict[str, tuple[Any, str]] = {
     "energy_ratio": (float, "tau in (0, 1]: the kept rank must hold this fraction of the spectral energy"),
     "min_tokens": (int, "smallest budget of an image (or budget unit)"),
@@ -67,6 +68,8 @@ PRUNING_OPTIONS: dict[str, tuple[Any, str]] = {
     "randomized_power_iterations": (int, "power iterations of the randomized solver"),
     "selector": (str, "which tokens to keep: 'cls_attention' or 'uniform'"),
     "position_policy": (str, "'compact' (kept tokens get consecutive positions) or 'original'"),
+    "budget_scope": (str, "LLaVA-NeXT: 'image' (one budget over all crops) or 'crop' (one budget per crop)"),
+    "newline_policy": (str, "LLaVA-NeXT: 'keep_rows' (newline of every grid row that keeps a token) or 'drop'"),
 }
 
 

@@ -207,4 +207,14 @@ class AdaPruneLlavaNextConfig(AnyResPruningConfigFields, LlavaNextConfig):
     model_type = "llava_next_adaprune"
 
 
+PRUNING_CONFIGS = {config.model_type: config for config in (AdaPruneConfig, AdaPruneLlavaNextConfig)}
+
+
+def settings_class_for(model_type: str | None) -> type[PruningSettings]:
+    """The settings class of a pruning model type or of the stock type it converts (else `PruningSettings`)."""
+    stock_to_ours = {stock: ours for ours, stock in STOCK_MODEL_TYPES.items()}
+    config = PRUNING_CONFIGS.get(stock_to_ours.get(model_type, model_type))
+    return config.settings_class if config is not None else PruningSettings
+
+
 __all__ = ["AdaPruneConfig", "AdaPruneLlavaNextConfig", "AnyResPruningSettings", "PruningSettings"]

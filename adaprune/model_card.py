@@ -21,7 +21,7 @@ import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from .configuration_adaprune import PruningSettings
+from .configuration_adaprune import settings_class_for
 
 T = TypeVar("T")
 
@@ -49,9 +49,11 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
 
 
 def pruning_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The pruning settings stored in a config dict, defaults for missing ones (not validated)."""
-    defaults = PruningSettings()
-    return {field.name: config.get(field.name, getattr(defaults, field.name)) for field in fields(PruningSettings)}
+    """The pruning settings stored in a config dict (those of its model type), defaults for missing ones (not
+    validated)."""
+    settings_class = settings_class_for(config.get("model_type"))
+    defaults = settings_class()
+    return {field.name: config.get(field.name, getattr(defaults, field.name)) for field in fields(settings_class)}
 
 
 def write_calibration_record(checkpoint: Path, record: dict[str, Any]) -> Path:
@@ -130,7 +132,7 @@ def render_model_card(
         base_model = base_model or previous.base_model
         license = license or previous.license
     config = read_config(checkpoint)
-    settings = asdict(PruningSettings(**pruning_fields(config)))
+    settings = asdict(settings_class_for(config.get("model_type"))(**pruning_fields(config)))
     calibration, stale = _calibration_for(checkpoint, settings)
     card_data = ModelCardData(
         library_name="transformers",

@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, Proce
 
 from .anyres_layout import packed_layout, patch_boxes
 from .calibration import Calibration, UnitCurves, calibrate_energy_ratio
-from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings
+from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings, settings_class_for
 from .model_card import (
     base_model_id,
     base_model_license,
@@ -179,8 +179,17 @@ def read_source_config(source: str, role: str) -> dict[str, Any]:
 
 def checked_settings(config: dict[str, Any], overrides: Mapping[str, Any], source: str) -> PruningSettings:
     """The pruning settings of a config with the command-line overrides, validated (UsageError naming the option)."""
+    settings_class = settings_class_for(config.get("model_type"))
+    foreign = sorted(set(overrides) - {field.name for field in fields(settings_class)})
+    if foreign:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in foreign)
+        raise UsageError(
+            f"{options} {'applies' if len(foreign) == 1 else 'apply'} only to LLaVA-NeXT checkpoints, and {source!r} "
+            "has model_type "
+            f"{config.get('model_type')!r}; drop {options}"
+        )
     try:
-        return PruningSettings(**{**pruning_fields(config), **overrides})
+        return settings_class(**{**pruning_fields(config), **overrides})
     except ValueError as error:
         field = str(error).split()[0]
         where = f"--{field.replace('_', '-')}" if field in overrides else f"{source}/config.json"

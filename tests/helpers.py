@@ -10,14 +10,20 @@ import torch
 from transformers import PretrainedConfig
 
 from adaprune import AdaPruneLlavaForConditionalGeneration, AdaPruneLlavaNextForConditionalGeneration
+from adaprune.configuration_adaprune import STOCK_MODEL_TYPES
 
 TOLERANCE = 1e-4
 NEW_TOKENS = 6
-PRUNING_CLASSES = {"llava": AdaPruneLlavaForConditionalGeneration, "llava_next": AdaPruneLlavaNextForConditionalGeneration}
+PRUNING_CLASSES = {
+    model_type: model_class
+    for model_class in (AdaPruneLlavaForConditionalGeneration, AdaPruneLlavaNextForConditionalGeneration)
+    for model_type in (model_class.config_class.model_type, STOCK_MODEL_TYPES[model_class.config_class.model_type])
+}
 
 
 def load_pruned(checkpoint: Path, **settings):
-    """The pruning model (LLaVA or LLaVA-NeXT, by the checkpoint's model type) with the given pruning settings."""
+    """The pruning model (LLaVA or LLaVA-NeXT, by the stock or converted checkpoint's model type) with the given
+    pruning settings."""
     model_type = PretrainedConfig.get_config_dict(checkpoint)[0]["model_type"]
     return PRUNING_CLASSES[model_type].from_pretrained(checkpoint, **settings).eval()
 

@@ -406,6 +406,10 @@ BAD_ARGUMENTS = [
         ["convert", "{stock}", "{fresh}", "--selector", "best"],
         "selector must be one of ['cls_attention', 'uniform'], got 'best'",
     ),
+    (
+        ["convert", "{stock}", "{fresh}", "--budget-scope", "crop"],
+        "--budget-scope applies only to LLaVA-NeXT checkpoints, and '{stock}' has model_type 'llava'",
+    ),
     (["convert", "{stock}", "{images}"], "DEST '{images}' exists and is not empty"),
     (["convert", "{stock}", "{fresh}", "--private"], "--private applies to --push-to-hub"),
     (["calibrate", "{converted}", "{images}"], "the following arguments are required: --target-mean-tokens"),

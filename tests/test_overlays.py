@@ -58,3 +58,30 @@ def test_draw_kept_patches_darkens_dropped_and_outlines_kept() -> None:
     assert tuple(overlay[0, 0]) == KEPT_OUTLINE and tuple(overlay[13, 5]) == KEPT_OUTLINE
     assert tuple(overlay[14, 5]) != KEPT_OUTLINE
     assert np.asarray(image).tolist() == np.full((28, 28, 3), (200, 100, 50)).tolist()  # the input is left as it was
+
+
+def test_llava_next_boxes_are_the_kept_visual_tokens_on_the_base_crop(
+    next_checkpoint, next_processor, next_images: dict
+) -> None:
+    """LLaVA-NeXT: the picture has the image's aspect ratio; one box per kept visual token (newlines have none),
+    the base-crop tokens' boxes on that token's patch of the stretched base crop."""
+    from helpers import image_features, load_pruned
+
+    from adaprune.anyres_layout import packed_layout
+    from adaprune.workflow import OVERLAY_LONG_SIDE, llava_next_kept_patches
+
+    model = load_pruned(next_checkpoint, energy_ratio=0.9, min_tokens=4)
+    image = next_images["wide"]
+    inputs = next_processor.image_processor(images=[image], return_tensors="pt")
+    with torch.no_grad():
+        output = image_features(model, inputs)
+    picture, boxes = llava_next_kept_patches(inputs, 0, output, model.config, next_processor.image_processor)
+    assert picture.size == (OVERLAY_LONG_SIDE, round(image.height * OVERLAY_LONG_SIDE / image.width))
+    layout = packed_layout((image.height, image.width), model.config.image_grid_pinpoints, 336, 14)
+    kept = output.kept_indices[0]
+    assert len(boxes) == int(output.token_budgets[0]) == int((~layout.is_newline[kept]).sum())
+    assert all(0 <= left < right <= picture.width and 0 <= top < bottom <= picture.height for left, top, right, bottom in boxes)
+    assert int(layout.crop[kept[0]]) == 0  # kept indices ascend: this image keeps base-crop tokens, and they come first
+    row, col = divmod(int(layout.patch[kept[0]]), 24)
+    cell_w, cell_h = picture.width / 24, picture.height / 24
+    assert boxes[0] == (round(col * cell_w), round(row * cell_h), round((col + 1) * cell_w), round((row + 1) * cell_h))
