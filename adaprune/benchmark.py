@@ -55,10 +55,11 @@ from .cost_model import (
     language_model_prefill_flops,
     llava_prefill_flops,
 )
-from .workflow import DEFAULT_PROMPT, median_seconds, prompt_for
+from .calibration import UnitCurves, calibrate_energy_ratio
 from .modeling_adaprune import AdaPruneLlavaForConditionalGeneration
 from .spectral_budget import budgets_from_curves, energy_curves
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
+from .workflow import DEFAULT_PROMPT, median_seconds, prompt_for
 
 # LLaVA-1.5 vision geometry (2 tower layers) and a 1024-wide Llama-style language model with LLaVA-1.5's vocabulary.
 BENCHMARK_GEOMETRY = replace(
@@ -315,23 +316,6 @@ def _vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.T
     return (features[:, 1:] if config.vision_feature_select_strategy == "default" else features).float()
 
 
-def _calibrated_ratio(curves: torch.Tensor, target: float, min_tokens: int) -> float:
-    """The energy ratio tau whose mean budget over the images is closest to `target` (bisection; the mean budget
-    grows with tau)."""
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        middle = (low + high) / 2
-        if budgets_from_curves(curves, middle, min_tokens=min_tokens).float().mean() < target:
-            low = middle
-        else:
-            high = middle
-
-    def miss(ratio: float) -> float:
-        return abs(budgets_from_curves(curves, ratio, min_tokens=min_tokens).float().mean().item() - target)
-
-    return min((low, high), key=miss)
-
-
 def _language_model_geometry(config: Any) -> LanguageModelGeometry:
     text = config.text_config
     return LanguageModelGeometry(
@@ -397,15 +381,14 @@ def _end_to_end(
     lm = _language_model_geometry(config)
     vision = _vision_geometry(config)
     prompt = prompt_for(processor, DEFAULT_PROMPT)
-    curves = energy_curves(features)
-    ratios = {target: _calibrated_ratio(curves, target, setting.min_tokens) for target in setting.targets}
-    calibration = {}
-    for target, ratio in ratios.items():
-        budgets = budgets_from_curves(curves, ratio, min_tokens=setting.min_tokens).tolist()
-        calibration[str(target)] = {"energy_ratio": ratio, "budgets": budgets, "mean_budget": statistics.mean(budgets)}
-        log(f"calibrated mean {target}: tau {ratio:.4f}, budgets {budgets}")
-        if abs(statistics.mean(budgets) - target) > 1:
-            log(f"warning: no energy ratio gives these images a mean budget of {target}; the closest is used")
+    curves = UnitCurves.from_images([[curve] for curve in energy_curves(features)])
+    ratios, calibration = {}, {}
+    for target in setting.targets:
+        result = calibrate_energy_ratio(curves, target, setting.min_tokens)
+        ratios[target] = result.energy_ratio
+        budgets = list(result.budgets)
+        calibration[str(target)] = {"energy_ratio": result.energy_ratio, "budgets": budgets, "mean_budget": result.mean_tokens}
+        log(f"calibrated mean {target}: tau {result.energy_ratio}, budgets {budgets}")
 
     variants = [Variant("stock", None, {})]
     for target in setting.targets:

@@ -12,7 +12,7 @@ import torch
 from matplotlib.image import imread
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from adaprune.benchmark import _calibrated_ratio, _features_cut_to, _shortened_inputs, main
+from adaprune.benchmark import _features_cut_to, _shortened_inputs, main
 from adaprune.spectral_budget import budgets_from_curves
 from helpers import load_pruned
 
@@ -123,16 +123,6 @@ def test_non_positive_numbers_are_rejected_by_the_parser(capsys: pytest.CaptureF
         main(["--repeats", "0"])
     assert exit_info.value.code == 2
     assert "argument --repeats: must be an integer >= 1, got '0'" in capsys.readouterr().err
-
-
-def test_calibration_hits_the_target_mean_budget() -> None:
-    """Curves of images of rank 2, 5, 10 and 40 (energy spread evenly): tau 0.5 keeps half of each rank."""
-    ranks = torch.tensor([2, 5, 10, 40])
-    steps = torch.arange(1, 65)
-    curves = (steps.unsqueeze(0) / ranks.unsqueeze(1)).clamp(max=1.0)
-    ratio = _calibrated_ratio(curves, target=(1 + 3 + 5 + 20) / 4, min_tokens=1)
-    assert budgets_from_curves(curves, ratio).tolist() == [1, 3, 5, 20]
-    assert budgets_from_curves(curves, _calibrated_ratio(curves, target=64, min_tokens=1)).tolist() == [2, 5, 10, 40]
 
 
 def test_shortened_inputs_keep_the_text_and_the_budgeted_placeholders(small_processor: LlavaProcessor) -> None:
