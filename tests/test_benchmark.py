@@ -13,7 +13,6 @@ from matplotlib.image import imread
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from adaprune.benchmark import _features_cut_to, _shortened_inputs, main
-from adaprune.spectral_budget import budgets_from_curves
 from helpers import load_pruned
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
