@@ -1050,7 +1050,8 @@ def _write_plots(results: dict[str, Any], output_dir: Path) -> list[str]:
 
 
 def _command_line(args: argparse.Namespace) -> str:
-    return getattr(args, "command", None) or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command as typed (`adaprune bench ...` or `python -m adaprune.benchmark ...`), set by the entry point."""
+    return getattr(args, "command_line", None) or shlex.join(["adaprune", *sys.argv[1:]])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1114,7 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "adaprune.benchmark", *(sys.argv[1:] if argv is None else argv)])
+    args.command_line = shlex.join(
+        ["python", "-m", "adaprune.benchmark", *(sys.argv[1:] if argv is None else argv)]
+    )
     return run(args)
 
 

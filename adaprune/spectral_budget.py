@@ -16,13 +16,10 @@ rank rather than N:
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 RANDOMIZED_SEED = 0x5EED
-POOLED_EIGVALSH_MIN_SIZE = 128
 
 
 def _compute_dtype(features: torch.Tensor) -> torch.dtype:
@@ -38,23 +35,7 @@ def _gram_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
     """All squared singular values of (n, N, d) matrices, descending, via the smaller Gram matrix."""
     n_tokens, n_channels = matrix.shape[-2:]
     gram = matrix @ matrix.mT if n_tokens <= n_channels else matrix.mT @ matrix
-    return _eigvalsh(gram).flip(-1).clamp_min(0)
-
-
-def _eigvalsh(gram: torch.Tensor) -> torch.Tensor:
-    """Ascending eigenvalues of (n, m, m) symmetric matrices; on CPU, batches of matrices of at least
-    `POOLED_EIGVALSH_MIN_SIZE` rows are split over up to `torch.get_num_threads()` Python threads.
-
-    The CPU LAPACK eigensolver (syevd) is bound by memory traffic and barely gains from a second thread on one
-    matrix, and torch loops over a batch one matrix at a time; solving separate matrices side by side made a batch
-    of eight 576 x 576 Gram matrices ~1.7x faster on 2 cores. Each matrix still gets the same LAPACK call. Smaller
-    matrices take less time than starting the threads.
-    """
-    workers = min(len(gram), torch.get_num_threads())
-    if gram.device.type != "cpu" or workers < 2 or gram.shape[-1] < POOLED_EIGVALSH_MIN_SIZE:
-        return torch.linalg.eigvalsh(gram)
-    with ThreadPoolExecutor(workers) as pool:
-        return torch.cat(list(pool.map(torch.linalg.eigvalsh, gram.tensor_split(workers))))
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
 def _randomized_eigenvalues(matrix: torch.Tensor, rank: int, oversampling: int, power_iterations: int) -> torch.Tensor:

@@ -163,3 +163,13 @@ def test_ideal_baseline_generates_what_the_pruned_model_does(
     assert "get_image_features" not in vars(stock.model)
     prompt_length = inputs["input_ids"].shape[1]
     assert torch.equal(ideal[:, short["input_ids"].shape[1] :], expected[:, prompt_length:])
+
+
+def test_console_command_records_itself(tmp_path: Path) -> None:
+    """`adaprune bench` writes the command as typed into its results."""
+    from adaprune.cli import main as adaprune_main
+
+    argv = ["bench", "--quick", "--images", "2", "--sections", "cost", "--output-dir", str(tmp_path)]
+    assert adaprune_main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["command"] == "adaprune " + " ".join(argv)
