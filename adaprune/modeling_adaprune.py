@@ -65,11 +65,13 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
     kept_indices: per image, the ascending indices of its kept tokens among its unpruned tokens (for LLaVA-NeXT,
         positions in its packed sequence, kept newline tokens included).
     tokens_per_image: per image, its number of unpruned tokens (= its placeholders in the prompt).
+    visual_tokens_per_image: per image, the tokens its budget is drawn from (LLaVA-NeXT: without the newlines).
     """
 
     token_budgets: torch.LongTensor | None = None
     kept_indices: list[torch.LongTensor] | None = None
     tokens_per_image: list[int] | None = None
+    visual_tokens_per_image: list[int] | None = None
 
     def select_images(self, order: list[int]) -> AdaPruneImageFeaturesOutput:
         """The same output for the images in `order` (repeats allowed), as beam search needs."""
@@ -78,6 +80,7 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
             token_budgets=self.token_budgets[torch.as_tensor(order, device=self.token_budgets.device)],
             kept_indices=[self.kept_indices[image] for image in order],
             tokens_per_image=[self.tokens_per_image[image] for image in order],
+            visual_tokens_per_image=[self.visual_tokens_per_image[image] for image in order],
         )
 
 
@@ -425,6 +428,7 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
             token_budgets=pruning.token_budgets,
             kept_indices=pruning.kept_indices,
             tokens_per_image=[projected.shape[1]] * projected.shape[0],
+            visual_tokens_per_image=[projected.shape[1]] * projected.shape[0],
         )
 
 
@@ -778,6 +782,7 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
             token_budgets=token_budgets,
             kept_indices=kept_indices,
             tokens_per_image=[len(layout) for layout in layouts],
+            visual_tokens_per_image=[len(layout.token_positions) for layout in layouts],
         )
 
     forward = _with_signature_of(LlavaNextModel.forward)(PrunedPrefillMixin.forward)

@@ -556,7 +556,7 @@ def inspect_image(
     inputs = processor(images=[image], text=[prompt_for(processor, question)], return_tensors="pt")
     with torch.no_grad():
         image_output = model.get_image_features(**_image_inputs(processor, [image]))
-    budget, tokens = int(image_output.token_budgets.sum()), sum(image_output.tokens_per_image)
+    budget, tokens = int(image_output.token_budgets.sum()), sum(image_output.visual_tokens_per_image)
     answers, timings = {}, {}
     was_enabled = model.config.enabled
     try:

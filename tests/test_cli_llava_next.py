@@ -60,7 +60,7 @@ def test_inspect_draws_kept_patches_and_compares_answers(calibrated: dict, image
     )
     assert code == 0, err
     budget = calibrated["record"]["budgets"]["large.png"]
-    assert f"large.png: {budget} of " in out
+    assert f"large.png: {budget} of 2016 visual tokens kept" in out  # 576 + 30 grid rows of 48 (newlines excluded)
     assert "pruned" in out and "unpruned" in out
     overlays = list(tmp_path.glob("*.png"))
     assert len(overlays) == 1

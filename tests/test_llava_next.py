@@ -185,12 +185,18 @@ def test_kept_newlines_follow_the_policy(scope: str, newlines: str, next_checkpo
     with torch.no_grad():
         output = image_features(pruned, mixed_inputs)
     kept_newlines = 0
-    for kept, budget, size, features in zip(
-        output.kept_indices, output.token_budgets, mixed_inputs["image_sizes"], output.pooler_output
+    for kept, budget, size, features, total, visual in zip(
+        output.kept_indices,
+        output.token_budgets,
+        mixed_inputs["image_sizes"],
+        output.pooler_output,
+        output.tokens_per_image,
+        output.visual_tokens_per_image,
     ):
         layout = pruned.model.packed_layout(size)
         newline = layout.is_newline[kept]
         assert int((~newline).sum()) == int(budget)
+        assert (len(layout), int((~layout.is_newline).sum())) == (total, visual)
         kept_rows = set(layout.row[kept[~newline]].tolist()) - {-1}
         expected = kept_rows if newlines == "keep_rows" else set()
         assert set(layout.row[kept[newline]].tolist()) == expected
