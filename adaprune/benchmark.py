@@ -59,7 +59,7 @@ from .calibration import UnitCurves, calibrate_energy_ratio
 from .modeling_adaprune import AdaPruneLlavaForConditionalGeneration
 from .spectral_budget import budgets_from_curves, energy_curves
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
-from .workflow import DEFAULT_PROMPT, median_seconds, prompt_for
+from .workflow import DEFAULT_PROMPT, median_seconds, positive_int, prompt_for
 
 # LLaVA-1.5 vision geometry (2 tower layers) and a 1024-wide Llama-style language model with LLaVA-1.5's vocabulary.
 BENCHMARK_GEOMETRY = replace(
@@ -92,16 +92,6 @@ QUICK = Setting(QUICK_GEOMETRY, (8, 16), (1, 2), 4, 1, 3, 2, 2)
 SECTIONS = ("e2e", "solver", "cost")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, for `python -m adaprune.benchmark` and `adaprune bench`."""
     parser.add_argument(
@@ -110,13 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("docs/benchmarks"), help="where results go")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--targets", type=_positive_int, nargs="+", help="mean budgets to calibrate to (64 128 192)")
-    parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", help="batch sizes (1 8)")
-    parser.add_argument("--images", type=_positive_int, help="benchmark images, of varied density (8)")
-    parser.add_argument("--repeats", type=_positive_int, help="timed repeats per measurement; medians are reported (3)")
-    parser.add_argument("--new-tokens", type=_positive_int, help="tokens generated per prompt, at least 2 (32)")
-    parser.add_argument("--text-layers", type=_positive_int, help="language-model layers (12)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--targets", type=positive_int, nargs="+", help="mean budgets to calibrate to (64 128 192)")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", help="batch sizes (1 8)")
+    parser.add_argument("--images", type=positive_int, help="benchmark images, of varied density (8)")
+    parser.add_argument("--repeats", type=positive_int, help="timed repeats per measurement; medians are reported (3)")
+    parser.add_argument("--new-tokens", type=positive_int, help="tokens generated per prompt, at least 2 (32)")
+    parser.add_argument("--text-layers", type=positive_int, help="language-model layers (12)")
 
 
 def _setting(args: argparse.Namespace) -> Setting:

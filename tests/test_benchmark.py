@@ -121,7 +121,7 @@ def test_non_positive_numbers_are_rejected_by_the_parser(capsys: pytest.CaptureF
     with pytest.raises(SystemExit) as exit_info:
         main(["--repeats", "0"])
     assert exit_info.value.code == 2
-    assert "argument --repeats: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    assert "argument --repeats: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_shortened_inputs_keep_the_text_and_the_budgeted_placeholders(small_processor: LlavaProcessor) -> None:
