@@ -165,30 +165,45 @@ def _cls_attention_module(vision_tower: nn.Module, layer: int | list[int]) -> nn
     return attention
 
 
-def cls_attention_scores(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Attention of the [CLS] query (token 0) to every token, averaged over heads: (n, T, C) -> (n, T) float32."""
-    batch, length = hidden_states.shape[:2]
-    query = attention.q_proj(hidden_states[:, :1]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-    keys = attention.k_proj(hidden_states).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    logits = (query.float() @ keys.float().mT) * attention.scale
+def cls_attention_scores(attention: nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Attention of the [CLS] query (token 0) to every token, averaged over heads, from the layer's projected
+    queries and keys (n, T, C): -> (n, T) float32."""
+    batch, length = keys.shape[:2]
+    query = queries[:, :1].reshape(batch, 1, -1, attention.head_dim).transpose(1, 2)
+    key = keys.reshape(batch, length, -1, attention.head_dim).transpose(1, 2)
+    logits = (query.float() @ key.float().mT) * attention.scale
     return logits.softmax(-1).mean(1).squeeze(1)
 
 
 @contextmanager
 def _capturing_cls_attention(attention: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Records the [CLS] attention of `attention` while the tower runs under any attention backend (e.g. SDPA)."""
+    """Records the [CLS] attention of `attention` while the tower runs under any attention backend (e.g. SDPA).
+
+    Hooks on the layer's own query and key projections take their outputs as they are computed, so the scores
+    cost one (1 x T) product per head instead of a second pass through the projections.
+    """
     captured: dict[str, torch.Tensor] = {}
+    projections: dict[str, torch.Tensor] = {}
 
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        with torch.no_grad():
-            captured["cls_attention"] = cls_attention_scores(module, hidden_states)
+    def recorder(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            projections[name] = (output[:, :1] if name == "queries" else output).detach()
+            if projections.keys() == {"queries", "keys"}:
+                with torch.no_grad():
+                    captured["cls_attention"] = cls_attention_scores(attention, **projections)
+                projections.clear()
 
-    handle = attention.register_forward_pre_hook(record, with_kwargs=True)
+        return record
+
+    handles = [
+        attention.q_proj.register_forward_hook(recorder("queries")),
+        attention.k_proj.register_forward_hook(recorder("keys")),
+    ]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class PrunedPrefillMixin:
