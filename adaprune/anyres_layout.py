@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
@@ -86,6 +87,15 @@ def packed_layout(
         canvas_size=tuple(select_best_resolution(list(image_size), grid_pinpoints)),
         patches_per_side=side,
     )
+
+
+def config_packed_layout(config: Any, image_size: Sequence[int] | torch.Tensor) -> PackedLayout:
+    """`packed_layout` under a `LlavaNextConfig`'s geometry (pinpoints, crop and patch size), for an image of
+    `image_size` (height, width; a tensor such as a row of the processor's `image_sizes` is accepted)."""
+    size = image_size.tolist() if isinstance(image_size, torch.Tensor) else list(image_size)
+    vision = config.vision_config
+    height, width = int(size[0]), int(size[1])
+    return packed_layout((height, width), config.image_grid_pinpoints, vision.image_size, vision.patch_size)
 
 
 def patch_boxes(layout: PackedLayout, image_size: tuple[int, int]) -> torch.Tensor:

@@ -42,7 +42,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .anyres_layout import PackedLayout, budget_units, packed_layout, with_row_newlines
+from .anyres_layout import PackedLayout, budget_units, config_packed_layout, with_row_newlines
 from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, AnyResPruningSettings, PruningSettings
 from .image_pruning import UnitGroup, prune_groups, prune_images, settings_energy_curves
 from .sequence_compaction import (
@@ -274,6 +274,36 @@ class PrunedPrefillMixin:
     ) -> AdaPruneImageFeaturesOutput:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def image_energy_curves(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Per image, the energy curve E(k) of each of its budget units (LLaVA: one per image; LLaVA-NeXT: one per
+        image, or per crop with `budget_scope="crop"`, base crop first), as the budgets use them. Calibration
+        computes these once and then tries many energy ratios on them."""
+        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
+        output = self._stock_image_features(
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+        )
+        return self._energy_curves(output, self.config.pruning, layer, strategy, image_sizes)
+
+    def _energy_curves(
+        self,
+        output: BaseModelOutputWithPooling,
+        settings: PruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        image_sizes: torch.Tensor | None,
+    ) -> list[list[torch.Tensor]]:
+        raise NotImplementedError
+
     def image_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
     ) -> torch.BoolTensor:
@@ -389,25 +419,16 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
 
-    @torch.no_grad()
-    def image_energy_curves(
+    def _energy_curves(
         self,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
+        output: BaseModelOutputWithPooling,
+        settings: PruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        image_sizes: torch.Tensor | None,
     ) -> list[list[torch.Tensor]]:
-        """Per image, the energy curve E(k) of each of its budget units (here one per image), as the budgets use
-        them. Calibration computes these once and then tries many energy ratios on them."""
-        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
-        output = self._stock_image_features(
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=strategy,
-        )
-        _, spectrum_features = self._spectrum_inputs(output, self.config.pruning, layer, strategy)
-        return [[curve] for curve in settings_energy_curves(spectrum_features, self.config.pruning)]
+        _, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
+        return [[curve] for curve in settings_energy_curves(spectrum_features, settings)]
 
     def _spectrum_inputs(
         self, output: BaseModelOutputWithPooling, settings: PruningSettings, layer: int | list[int], strategy: str
@@ -434,7 +455,8 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
         image_sizes: torch.Tensor | None,
     ) -> AdaPruneImageFeaturesOutput:
         projected, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
-        pruning = prune_images(spectrum_features, signals, settings, checked_features=(projected,))
+        checked = () if spectrum_features is projected else (projected,)
+        pruning = prune_images(spectrum_features, signals, settings, checked_features=checked)
         return AdaPruneImageFeaturesOutput(
             last_hidden_state=output.last_hidden_state,
             pooler_output=pruning.kept_rows(projected),
@@ -654,20 +676,21 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
         """Stock packed image features with each image cut to its budget: `pooler_output` holds the kept packed
         features (kept newlines included), `token_budgets` the visual tokens kept per image (newlines excluded),
         `kept_indices` their positions in the packed sequence and `tokens_per_image` its length."""
-        if image_sizes is None:
-            raise ValueError(
-                "LLaVA-NeXT image features need image_sizes (one (height, width) per image); pass the processor's"
-            )
         return self._pruned_image_features(
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
 
+    def _stock_image_features(self, **stock_kwargs: Any) -> BaseModelOutputWithPooling:
+        if stock_kwargs.get("image_sizes") is None:
+            raise ValueError(
+                "LLaVA-NeXT image features need image_sizes (one (height, width) per image); pass the processor's"
+            )
+        return super()._stock_image_features(**stock_kwargs)
+
     def packed_layout(self, image_size: tuple[int, int] | torch.Tensor) -> PackedLayout:
         """Where each position of the packed feature sequence of an image of `image_size` (height, width) comes
         from: crop, patch within the crop, grid row, or newline (see `anyres_layout.PackedLayout`)."""
-        size = image_size.tolist() if isinstance(image_size, torch.Tensor) else list(image_size)
-        vision = self.config.vision_config
-        return packed_layout(tuple(size), self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+        return config_packed_layout(self.config, image_size)
 
     def _layouts(self, image_sizes: torch.Tensor, packed: list[torch.Tensor]) -> list[PackedLayout]:
         layouts = [self.packed_layout(size) for size in image_sizes.tolist()]
@@ -722,31 +745,20 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
             group = UnitGroup(
                 spectrum_features=stacked(spectrum),
                 signals={name: stacked(values) for name, values in per_image_signals.items()},
-                checked_features=(stacked(packed),),
+                checked_features=() if spectrum is packed else (stacked(packed),),
                 images=images,
             )
             batches.append(_UnitBatch(group=group, positions=positions, unit_ids=[unit_id for unit_id, _, _ in units]))
         return batches
 
-    @torch.no_grad()
-    def image_energy_curves(
+    def _energy_curves(
         self,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
+        output: BaseModelOutputWithPooling,
+        settings: AnyResPruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        image_sizes: torch.Tensor | None,
     ) -> list[list[torch.Tensor]]:
-        """Per image, the energy curve E(k) of each of its budget units (one per image, or one per crop with
-        `budget_scope="crop"`, base crop first), as the budgets use them. Calibration computes these once and then
-        tries many energy ratios on them."""
-        settings = self.config.pruning
-        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
-        output = self._stock_image_features(
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=strategy,
-        )
         layouts = self._layouts(image_sizes, list(output.pooler_output))
         curves: list[list[tuple[int, torch.Tensor]]] = [[] for _ in layouts]
         for batch in self._unit_batches(output, {}, settings, layer, strategy, layouts):

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
-from .anyres_layout import packed_layout, patch_boxes
+from .anyres_layout import config_packed_layout, patch_boxes
 from .calibration import Calibration, UnitCurves, calibrate_energy_ratio
 from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings, settings_class_for
 from .model_card import (
@@ -121,8 +121,7 @@ def llava_next_kept_patches(
     """LLaVA-NeXT: the base crop stretched back to the image's aspect ratio (longer side `OVERLAY_LONG_SIDE`), and
     one box per kept visual token: coarse base-crop patches and fine grid patches (kept newlines have none)."""
     height, width = inputs["image_sizes"][image_index].tolist()
-    vision = config.vision_config
-    layout = packed_layout((height, width), config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+    layout = config_packed_layout(config, (height, width))
     kept = image_output.kept_indices[image_index].cpu()
     kept = kept[~layout.is_newline[kept]]
     scale = OVERLAY_LONG_SIDE / max(height, width)
@@ -491,7 +490,7 @@ def _example_overlays(
         raise RuntimeError(f"the model's budgets {budgets} differ from the calibrated ones {expected}")
     return [
         (f"{images.names[index]}: {budget} of {tokens} tokens", kept_patch_overlay(loaded, inputs, slot, image_output))
-        for slot, (index, budget, tokens) in enumerate(zip(chosen, budgets, image_output.tokens_per_image))
+        for slot, (index, budget, tokens) in enumerate(zip(chosen, budgets, image_output.visual_tokens_per_image))
     ]
 
 

@@ -258,6 +258,8 @@ def test_missing_image_sizes_is_a_clear_error(next_checkpoint, mixed_inputs: dic
     inputs = {key: value for key, value in mixed_inputs.items() if key != "image_sizes"}
     with pytest.raises(ValueError, match=r"LLaVA-NeXT image features need image_sizes"):
         pruned.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"LLaVA-NeXT image features need image_sizes"):
+        pruned.model.image_energy_curves(mixed_inputs["pixel_values"])
 
 
 def test_wrong_placeholder_count_is_a_clear_error(next_checkpoint, next_processor, next_images: dict) -> None:
@@ -311,3 +313,13 @@ def test_forward_keeps_the_stock_signature(ours: type, stock: type) -> None:
     ours_names = list(inspect.signature(ours.forward).parameters)
     stock_names = list(inspect.signature(stock.forward).parameters)
     assert ours_names == stock_names
+
+
+@pytest.mark.parametrize("source", ["vision", "projected"])
+def test_non_finite_features_name_the_image(source: str, next_checkpoint, mixed_inputs: dict) -> None:
+    """NaN pixels in the second image (of three) raise, naming it, whichever features set the budgets."""
+    pruned = load_pruned(next_checkpoint, spectrum_source=source, budget_scope="crop")
+    broken = mixed_inputs["pixel_values"].clone()
+    broken[1] = float("nan")
+    with pytest.raises(ValueError, match=r"images \[1\] \(0-based, in batch order\) have non-finite visual features"):
+        pruned.get_image_features(pixel_values=broken, image_sizes=mixed_inputs["image_sizes"])
