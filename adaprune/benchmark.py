@@ -298,7 +298,8 @@ def _on(inputs: dict, device: torch.device) -> dict:
 
 
 def _vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The projector's input (the features the spectrum is taken from by default): (n, N, d) float32."""
+    """The projector's input (the features the spectrum is taken from by default), as the matrices the solver
+    section times: (n, N, d) float32."""
     config = model.config
     with torch.inference_mode():
         states = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
@@ -360,18 +361,19 @@ def _end_to_end(
     processor: LlavaProcessor,
     stock: LlavaForConditionalGeneration,
     images: list,
-    features: torch.Tensor,
     device: torch.device,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Calibrates tau per target on the images' `features`, then times every variant at every batch size."""
+    """Calibrates tau per target on the images (their energy curves as the model computes them), then times every
+    variant at every batch size."""
     pruned = AdaPruneLlavaForConditionalGeneration.from_pretrained(checkpoint, min_tokens=setting.min_tokens)
     pruned = pruned.to(device).eval()
     config = stock.config
     lm = _language_model_geometry(config)
     vision = _vision_geometry(config)
     prompt = prompt_for(processor, DEFAULT_PROMPT)
-    curves = UnitCurves.from_images([[curve] for curve in energy_curves(features)])
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
+    curves = UnitCurves.from_images(pruned.model.image_energy_curves(pixel_values))
     ratios, calibration = {}, {}
     for target in setting.targets:
         result = calibrate_energy_ratio(curves, target, setting.min_tokens)
@@ -1079,9 +1081,7 @@ def run(args: argparse.Namespace) -> int:
             )
             if "e2e" in args.sections:
                 log("end to end:")
-                results["end_to_end"] = _end_to_end(
-                    setting, checkpoint, processor, stock, images, features, device, log
-                )
+                results["end_to_end"] = _end_to_end(setting, checkpoint, processor, stock, images, device, log)
             if "solver" in args.sections:
                 log("budget computation alone:")
                 ratios = [
