@@ -8,8 +8,11 @@ from typing import Any, ClassVar
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaNextConfig
 
+from .compat import check_transformers_version
 from .sequence_compaction import POSITION_POLICIES
 from .token_selection import SELECTORS
+
+check_transformers_version()  # before any class is defined: the remote code's first contact with the installed library
 
 BUDGET_MODES = ("energy", "fixed")
 SPECTRUM_SOURCES = ("vision", "projected")

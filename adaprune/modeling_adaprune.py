@@ -9,8 +9,6 @@ cache, the mask and RoPE positions stay aligned while the returned sequences kee
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,10 +24,8 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
 )
-from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaModelOutputWithPast,
@@ -43,14 +39,26 @@ from transformers.models.llava_next.modeling_llava_next import (
 from transformers.utils.generic import can_return_tuple
 
 from .anyres_layout import PackedLayout, budget_units, config_packed_layout, with_row_newlines
+from .compat import (
+    CACHE_FIELD,
+    cache_argument,
+    image_output_fields,
+    model_output_fields,
+    output_cache,
+    pop_cache,
+    slice_logits_to_keep,
+    with_signature_of,
+)
 from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, AnyResPruningSettings, PruningSettings
 from .image_pruning import UnitGroup, prune_groups, prune_images, settings_energy_curves
 from .sequence_compaction import (
     CompactionPlan,
+    PrunedPrefill,
     compacted_position_ids,
     images_per_row,
     left_compaction,
     placeholder_keep_flags,
+    pruned_prefill,
 )
 from .token_selection import get_selector, kept_indices_from_mask
 
@@ -307,8 +315,9 @@ class PrunedPrefillMixin:
     def image_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
     ) -> torch.BoolTensor:
-        """(B, L) mask of the image placeholder tokens, from the ids or, failing those, the embeddings."""
-        if input_ids is not None:
+        """(B, L) mask of the image placeholder tokens, from the ids or, when there are none (`generate()` passes
+        an empty (B, 0) tensor with `inputs_embeds`), from the embeddings."""
+        if input_ids is not None and (input_ids.shape[-1] > 0 or inputs_embeds is None):
             return input_ids == self.config.image_token_id
         image_embedding = self.get_input_embeddings()(
             torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
@@ -322,7 +331,6 @@ class PrunedPrefillMixin:
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -330,8 +338,11 @@ class PrunedPrefillMixin:
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Any,
     ) -> tuple | ModelOutput:
-        """Stock forward; with pruned images, the language model runs on the compacted batch (see the output's
-        `source_index`, `pruned_attention_mask` and `pruned_position_ids`)."""
+        """Stock forward (it carries the stock signature, see `with_signature_of`); with pruned images the language
+        model runs on the compacted batch (see the output's `source_index`, `pruned_attention_mask` and
+        `pruned_position_ids`). Attention masks and position ids always address the caller's full sequence, also
+        in later steps on a cache filled by a pruned prefill."""
+        cache = pop_cache(kwargs)
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
@@ -344,19 +355,25 @@ class PrunedPrefillMixin:
                 return_dict=True,
             )
         image_output = mm_encoder_outputs.get("image")
+        prefill = pruned_prefill_of(cache)
         if not _is_pruned(image_output):
+            if prefill is not None:
+                new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                attention_mask, position_ids = prefill.step_inputs(
+                    attention_mask, position_ids, new_tokens, cache.get_seq_length()
+                )
             return super().forward(  # type: ignore[misc]
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 mm_encoder_outputs=mm_encoder_outputs or None,
+                **cache_argument(cache),
                 **kwargs,
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        _check_prefill_cache(past_key_values)
+        _check_prefill_cache(cache)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if attention_mask is None:
@@ -369,6 +386,7 @@ class PrunedPrefillMixin:
 
         placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
         _check_placeholder_count(placeholders, image_output.tokens_per_image)
+        _check_placeholders_attended(placeholders, attention_mask)
         kept_placeholders = torch.zeros_like(placeholders)
         kept_placeholders[placeholders] = placeholder_keep_flags(image_output.kept_indices, image_output.tokens_per_image)
         image_features = torch.cat(list(image_output.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -376,25 +394,39 @@ class PrunedPrefillMixin:
 
         keep = attention_mask.bool() & (~placeholders | kept_placeholders)
         plan = left_compaction(keep)
-        positions = compacted_position_ids(plan, keep, attention_mask, position_ids, self.config.pruning.position_policy)
+        policy = self.config.pruning.position_policy
+        positions = compacted_position_ids(plan, keep, attention_mask, position_ids, policy)
         outputs = self.language_model(
             inputs_embeds=plan.gather(inputs_embeds),
             attention_mask=plan.attention_mask,
             position_ids=positions,
-            past_key_values=past_key_values,
+            **cache_argument(cache),
             **kwargs,
         )
+        new_cache = output_cache(outputs)
+        if new_cache is not None:
+            setattr(new_cache, PRUNED_PREFILL_ATTRIBUTE, pruned_prefill(plan, keep, attention_mask, policy))
         return self.model_output_class(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            **{CACHE_FIELD: new_cache},
+            **image_output_fields(image_output),
             pruned_attention_mask=plan.attention_mask,
             pruned_position_ids=positions,
             source_index=plan.source_index,
             token_budgets=image_output.token_budgets,
         )
+
+
+PRUNED_PREFILL_ATTRIBUTE = "adaprune_pruned_prefill"
+"""The attribute under which a KV cache filled by a pruned prefill carries its `PrunedPrefill` layout (it travels
+with the cache object: through `generate()`, copies and later calls)."""
+
+
+def pruned_prefill_of(cache: Any) -> PrunedPrefill | None:
+    """The layout of the pruned prefill that filled `cache`, or None for an unpruned (or no) cache."""
+    return getattr(cache, PRUNED_PREFILL_ATTRIBUTE, None)
 
 
 class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
@@ -468,20 +500,35 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
             visual_tokens_per_image=[projected.shape[1]] * projected.shape[0],
         )
 
+    forward = with_signature_of(LlavaModel.forward)(PrunedPrefillMixin.forward)
 
-def _check_prefill_cache(past_key_values: Cache | None) -> None:
-    if past_key_values is None:
+
+def _check_prefill_cache(cache: Any) -> None:
+    if cache is None:
         return
-    if getattr(past_key_values, "is_compileable", False):
+    if getattr(cache, "is_compileable", False):
         raise ValueError(
-            f"visual-token pruning cannot run with a {type(past_key_values).__name__}: pruning changes the prefill "
-            "length per batch, and static caches need fixed shapes; use the default dynamic cache "
-            "(drop cache_implementation='static')"
+            f"visual-token pruning cannot run with a {type(cache).__name__}: pruning changes the prefill length per "
+            "batch, and static caches need fixed shapes; use the default dynamic cache (drop "
+            "cache_implementation='static')"
         )
-    if past_key_values.get_seq_length() > 0:
+    if cache.get_seq_length() > 0:
         raise ValueError(
-            f"visual-token pruning happens at prefill, but the cache already holds {past_key_values.get_seq_length()} "
-            "tokens; start from an empty cache (no chunked prefill, no continuing a cached conversation with new images)"
+            f"visual-token pruning happens at prefill, but the cache already holds {cache.get_seq_length()} tokens; "
+            "images need a prompt that starts from an empty cache (no chunked prefill, no new images in a cached "
+            "conversation; continuing one with text works)"
+        )
+
+
+def _check_placeholders_attended(placeholders: torch.BoolTensor, attention_mask: torch.Tensor) -> None:
+    """Pruning picks each image's tokens without the attention mask, so a masked placeholder could silently take
+    a kept slot (below min_tokens, or an empty row); refuse masks that hide image tokens."""
+    hidden = placeholders & ~attention_mask.bool()
+    if bool(hidden.any()):
+        rows = sorted(set(hidden.nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"attention_mask hides {int(hidden.sum())} image placeholder tokens (rows {rows}); pruning chooses among "
+            "all of an image's tokens, so unmask them (the processor's mask does) or disable pruning"
         )
 
 
@@ -495,9 +542,15 @@ def _check_placeholder_count(placeholders: torch.BoolTensor, tokens_per_image: l
         )
 
 
+def _brief(value: Any) -> str:
+    """A value for an error message: a module by its class name, not its whole repr."""
+    return f"<{type(value).__name__}>" if isinstance(value, nn.Module) else repr(value)
+
+
 class PrunedGenerationMixin:
-    """What every pruning `*ForConditionalGeneration` shares: logits and labels over the compacted prefill, and the
-    `generate()` hooks that keep the cache, mask and positions aligned. Placed before the stock class in the bases."""
+    """What every pruning `*ForConditionalGeneration` shares: logits and labels over the compacted prefill, and
+    `generate()` on a shortened prefill (refused options, beam expansion of pruned images, continuing from a cache
+    that a pruned prefill filled). Placed before the stock class in the bases."""
 
     config: Any
     model: PrunedPrefillMixin
@@ -507,34 +560,14 @@ class PrunedGenerationMixin:
     @can_return_tuple
     def forward(
         self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        image_sizes: torch.Tensor | None = None,
-        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs: Any,
+        **inputs: Any,
     ) -> tuple | ModelOutput:
-        """Stock forward; with images, logits (and `labels`) are over the compacted batch, see `source_index`."""
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **kwargs,
-        )
+        """Stock forward (it carries the stock signature, see `with_signature_of`); with images, logits (and
+        `labels`) are over the compacted batch, see `source_index`."""
+        cache = pop_cache(inputs)
+        outputs = self.model(**inputs, **cache_argument(cache))
         plan = None
         if getattr(outputs, "source_index", None) is not None:
             plan = CompactionPlan(source_index=outputs.source_index, attention_mask=outputs.pruned_attention_mask)
@@ -544,15 +577,14 @@ class PrunedGenerationMixin:
             if plan is not None:
                 labels = plan.gather(labels, pad_value=IGNORE_INDEX)
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **inputs
             )
         return self.causal_lm_output_class(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            **model_output_fields(outputs),
             pruned_attention_mask=getattr(outputs, "pruned_attention_mask", None),
             pruned_position_ids=getattr(outputs, "pruned_position_ids", None),
             source_index=getattr(outputs, "source_index", None),
@@ -560,7 +592,8 @@ class PrunedGenerationMixin:
         )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """`GenerationMixin.generate`, refusing the options that cannot work with a shortened prefill."""
+        """`GenerationMixin.generate`, refusing the options that cannot work with a shortened prefill, and
+        continuing from a cache that a pruned prefill filled (see `_generate_from_pruned_cache`)."""
         has_images = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
         if has_images and self.config.pruning.enabled:
             generation_config = kwargs.get("generation_config") or self.generation_config
@@ -568,10 +601,48 @@ class PrunedGenerationMixin:
                 value = kwargs.get(option, getattr(generation_config, option, None))
                 if value is not None:
                     raise ValueError(
-                        f"{option}={value!r} cannot be combined with visual-token pruning, which shortens the prefill "
-                        f"sequence; leave {option} unset, or disable pruning (config.enabled=False)"
+                        f"{option}={_brief(value)} cannot be combined with visual-token pruning, which shortens the "
+                        f"prefill sequence; leave {option} unset, or disable pruning (config.enabled=False)"
                     )
-        return super().generate(*args, **kwargs)  # type: ignore[misc]
+        cache = pop_cache(kwargs)
+        prefill = pruned_prefill_of(cache)
+        if prefill is None:
+            return super().generate(*args, **cache_argument(cache), **kwargs)  # type: ignore[misc]
+        return self._generate_from_pruned_cache(cache, prefill, *args, **kwargs)
+
+    def _generate_from_pruned_cache(self, cache: Any, prefill: PrunedPrefill, *args: Any, **kwargs: Any) -> Any:
+        """Continues a conversation from a cache that a pruned prefill filled, as with the stock model: the caller
+        passes its full sequence (previous prompt, the tokens generated since, new tokens) and its mask. The cache
+        is shorter than that sequence, so stock `generate()` would re-feed cached tokens; only the positions the
+        cache does not hold are fed, with the full mask, and the caller's prefix is put back in front."""
+        input_ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
+        for option in ("inputs_embeds", "pixel_values", "mm_encoder_outputs"):
+            if kwargs.get(option) is not None:
+                raise ValueError(
+                    f"{option} cannot continue a cache filled by a pruned prefill: continue with input_ids only "
+                    "(new images need a new prompt from an empty cache)"
+                )
+        covered = prefill.covered_length(cache.get_seq_length())
+        if input_ids is None or input_ids.shape[1] <= covered:
+            length = None if input_ids is None else input_ids.shape[1]
+            raise ValueError(
+                f"the cache already holds {covered} positions of the sequence (its pruned prefill included), and "
+                f"input_ids has {length}; pass the full sequence: the previous prompt, the tokens generated since and "
+                "at least one new token"
+            )
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        output = super().generate(  # type: ignore[misc]
+            input_ids[:, covered:], *args[1:], attention_mask=attention_mask, **cache_argument(cache), **kwargs
+        )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        prefix = input_ids[:, :covered].repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prefix.to(sequences.device), sequences], dim=1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
 
     def _expand_multimodal_outputs(
         self,
@@ -590,21 +661,6 @@ class PrunedGenerationMixin:
         order = [image for group in groups for _ in range(expand_size) for image in group]
         return {**mm_encoder_output, "image": image_output.select_images(order)}
 
-    def _update_model_kwargs_for_generation(
-        self,
-        outputs: Any,
-        model_kwargs: dict[str, Any],
-        is_encoder_decoder: bool = False,
-        num_new_tokens: int = 1,
-    ) -> dict[str, Any]:
-        if getattr(outputs, "pruned_attention_mask", None) is not None and outputs.past_key_values is not None:
-            model_kwargs["attention_mask"] = outputs.pruned_attention_mask
-            model_kwargs["position_ids"] = outputs.pruned_position_ids
-        return super()._update_model_kwargs_for_generation(  # type: ignore[misc]
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-
-
 
 class AdaPruneLlavaForConditionalGeneration(PrunedGenerationMixin, LlavaForConditionalGeneration, GenerationMixin):
     """`LlavaForConditionalGeneration` with E-AdaPrune: same inputs, same `generate()`, shorter prefill."""
@@ -619,25 +675,7 @@ class AdaPruneLlavaForConditionalGeneration(PrunedGenerationMixin, LlavaForCondi
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-
-def _with_signature_of(stock_forward: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Gives a shared forward the exact signature of a stock one: its argument order for positional callers, and
-    its parameter names, which `generate()` inspects (e.g. `mm_encoder_outputs` decides whether images are encoded
-    before beams are expanded). Every argument is passed on by name."""
-    signature = inspect.signature(stock_forward)
-    var_keyword = next(name for name, parameter in signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD)
-
-    def decorate(shared_forward: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(shared_forward)
-        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            arguments = signature.bind(self, *args, **kwargs).arguments
-            arguments.pop("self")
-            return shared_forward(self, **arguments.pop(var_keyword, {}), **arguments)
-
-        forward.__signature__ = signature  # type: ignore[attr-defined]
-        return forward
-
-    return decorate
+    forward = with_signature_of(LlavaForConditionalGeneration.forward)(PrunedGenerationMixin.forward)
 
 
 @dataclass(frozen=True)
@@ -812,7 +850,7 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
             visual_tokens_per_image=[len(layout.token_positions) for layout in layouts],
         )
 
-    forward = _with_signature_of(LlavaNextModel.forward)(PrunedPrefillMixin.forward)
+    forward = with_signature_of(LlavaNextModel.forward)(PrunedPrefillMixin.forward)
 
 
 class AdaPruneLlavaNextForConditionalGeneration(
@@ -830,7 +868,7 @@ class AdaPruneLlavaNextForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    forward = _with_signature_of(LlavaNextForConditionalGeneration.forward)(PrunedGenerationMixin.forward)
+    forward = with_signature_of(LlavaNextForConditionalGeneration.forward)(PrunedGenerationMixin.forward)
 
 
 def _register_checkpoint_renames() -> None:

@@ -117,3 +117,71 @@ def compacted_position_ids(
         dropped = attention_mask.bool() & ~keep
         position_ids = position_ids - dropped.long().cumsum(-1)
     return plan.gather(position_ids, pad_value=0)
+
+
+@dataclass(frozen=True)
+class PrunedPrefill:
+    """How a KV cache filled by a compacted prefill lines up with the caller's sequence.
+
+    Callers keep addressing their full sequence: after the prefill, attention masks and position ids cover every
+    position of it, dropped tokens included, as for the stock model. The cache holds the compacted prefill (`plan`
+    over the first `caller_length` positions) and then one entry per later token, so a later step's inputs are
+    mapped onto it by `step_inputs`.
+
+    position_shift: (B,) how far each row's positions after the prefill move back ("compact" policy: the number
+        of real tokens dropped; "original": 0).
+    """
+
+    plan: CompactionPlan
+    caller_length: int
+    position_shift: torch.LongTensor
+
+    @property
+    def compact_length(self) -> int:
+        return self.plan.source_index.shape[1]
+
+    def covered_length(self, cache_length: int) -> int:
+        """How many positions of the caller's sequence a cache of `cache_length` entries holds."""
+        if cache_length < self.compact_length:
+            raise ValueError(
+                f"the cache holds {cache_length} tokens, fewer than its pruned prefill of {self.compact_length}; a "
+                "cache cut into its pruned prefill cannot be continued, run the prompt again"
+            )
+        return self.caller_length + cache_length - self.compact_length
+
+    def step_inputs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        new_tokens: int,
+        cache_length: int,
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """The attention mask (over the cache plus the new tokens) and the position ids of `new_tokens` tokens that
+        follow the cached ones, from the caller's mask over its full sequence (None: all ones) and position ids
+        (None: continuing after the covered positions, as the stock model counts them)."""
+        batch = self.plan.source_index.shape[0]
+        covered = self.covered_length(cache_length)
+        device = self.plan.source_index.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, covered + new_tokens, dtype=torch.long, device=device)
+        if tuple(attention_mask.shape) != (batch, covered + new_tokens):
+            raise ValueError(
+                f"after a pruned prefill the attention_mask covers the caller's full sequence: expected shape "
+                f"{(batch, covered + new_tokens)} ({covered} cached positions, dropped image tokens included, plus "
+                f"{new_tokens} new), got {tuple(attention_mask.shape)}; pass the mask of the whole sequence"
+            )
+        attention_mask = attention_mask.long()
+        cached_prefill = self.plan.gather(attention_mask[:, : self.caller_length])
+        compact_mask = torch.cat([cached_prefill, attention_mask[:, self.caller_length :]], dim=1)
+        if position_ids is None:
+            position_ids = torch.arange(covered, covered + new_tokens, device=device).expand(batch, -1)
+        return compact_mask, position_ids - self.position_shift.to(position_ids.device).unsqueeze(-1)
+
+
+def pruned_prefill(
+    plan: CompactionPlan, keep: torch.Tensor, attention_mask: torch.Tensor, policy: str
+) -> PrunedPrefill:
+    """The cache layout of a prefill compacted by `plan` (kept positions `keep` of the caller's (B, L) batch)."""
+    dropped = (attention_mask.bool() & ~keep).sum(-1)
+    shift = dropped if policy == "compact" else torch.zeros_like(dropped)
+    return PrunedPrefill(plan=plan, caller_length=keep.shape[1], position_shift=shift)

@@ -43,6 +43,7 @@ CODE_FILES = {
     "image_pruning.py",
     "modeling_adaprune.py",
     "sequence_compaction.py",
+    "compat.py",
     "spectral_budget.py",
     "token_selection.py",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adaprune.compat import output_cache
 from helpers import load_pruned
 from transformers import LlavaProcessor, SiglipVisionConfig
 
@@ -101,7 +102,7 @@ def test_options_that_need_the_full_prefill_are_refused(pruned, one_image: dict,
 
 def test_continuing_a_cache_with_new_images_is_refused(pruned, one_image: dict) -> None:
     with torch.no_grad():
-        cache = pruned(**one_image, use_cache=True).past_key_values
+        cache = output_cache(pruned(**one_image, use_cache=True))
     with pytest.raises(ValueError, match=r"cache already holds \d+ tokens"):
         pruned(**one_image, past_key_values=cache)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adaprune.compat import output_cache
 from helpers import dropped_placeholders, load_pruned, max_abs_diff, oracle_inputs
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -62,10 +63,10 @@ def test_prefill_cache_holds_the_pruned_length(pruned, small_processor, small_im
         inputs["input_ids"], pruned.config.image_token_id, image_output.kept_indices, image_output.tokens_per_image
     )
     kept_per_row = (inputs["attention_mask"].bool() & ~dropped).sum(-1)
-    assert output.past_key_values.get_seq_length() == int(kept_per_row.max())
-    assert output.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
+    assert output_cache(output).get_seq_length() == int(kept_per_row.max())
+    assert output_cache(output).get_seq_length() < inputs["input_ids"].shape[1]
     assert output.logits.shape[1] == int(kept_per_row.max())
-    assert generated.past_key_values.get_seq_length() == int(kept_per_row.max()) + 4 - 1
+    assert output_cache(generated).get_seq_length() == int(kept_per_row.max()) + 4 - 1
 
 
 def test_loss_equals_stock_loss_on_the_shortened_sequence(pruned, small_stock, small_processor, small_images) -> None:

@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from adaprune.compat import output_cache
 from helpers import assert_matches_oracle, image_features, load_pruned, max_abs_diff, oracle_inputs, random_prompts
 from transformers import (
     DynamicCache,
@@ -221,7 +222,7 @@ def test_prefill_is_shortened_and_cache_holds_the_pruned_length(next_checkpoint,
     with torch.no_grad():
         output = pruned(**mixed_inputs, use_cache=True)
     kept_per_row = output.pruned_attention_mask.sum(-1)
-    assert output.past_key_values.get_seq_length() == output.logits.shape[1] == int(kept_per_row.max())
+    assert output_cache(output).get_seq_length() == output.logits.shape[1] == int(kept_per_row.max())
     assert output.logits.shape[1] < mixed_inputs["input_ids"].shape[1] // 4
 
 
