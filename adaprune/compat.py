@@ -126,7 +126,9 @@ def with_signature_of(stock_forward: Callable[..., Any]) -> Callable[[Callable[.
     decides whether images are encoded before beams are expanded). Every argument reaches the shared forward by
     name; one the stock signature does not name (e.g. the other cache name) arrives among its keyword arguments."""
     signature = inspect.signature(stock_forward)
-    var_keyword = next(name for name, parameter in signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD)
+    var_keyword = next(
+        name for name, parameter in signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD
+    )
 
     def decorate(shared_forward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(shared_forward)

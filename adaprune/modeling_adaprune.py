@@ -388,7 +388,9 @@ class PrunedPrefillMixin:
         _check_placeholder_count(placeholders, image_output.tokens_per_image)
         _check_placeholders_attended(placeholders, attention_mask)
         kept_placeholders = torch.zeros_like(placeholders)
-        kept_placeholders[placeholders] = placeholder_keep_flags(image_output.kept_indices, image_output.tokens_per_image)
+        kept_placeholders[placeholders] = placeholder_keep_flags(
+            image_output.kept_indices, image_output.tokens_per_image
+        )
         image_features = torch.cat(list(image_output.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(kept_placeholders.unsqueeze(-1), image_features)
 
@@ -756,9 +758,7 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
         crops_per_image = [1 + layout.grid_shape[0] * layout.grid_shape[1] for layout in layouts]
         patches = layouts[0].patches_per_side ** 2
         # Per image, rows aligned with its packed positions (newline rows are placeholders no unit uses).
-        source_rows = [
-            ((layout.crop * patches + layout.patch).clamp_min(0)).to(device) for layout in layouts
-        ]
+        source_rows = [((layout.crop * patches + layout.patch).clamp_min(0)).to(device) for layout in layouts]
         if settings.spectrum_source == "projected":
             spectrum = packed
         else:

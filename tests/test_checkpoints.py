@@ -453,3 +453,34 @@ def test_registered_classes_load_without_trust_remote_code(saved_dir: Path, pare
     assert type(model) is AdaPruneLlavaForConditionalGeneration
     assert {name: getattr(model.config, name) for name in SETTINGS} == SETTINGS
     assert state_checksum(model) == parent_run["checksum"]
+
+
+VERSION_CHECK_BODY = """
+import warnings
+
+import transformers
+
+transformers.__version__ = PARAMS["version"]  # the range check reads the installed version at load time
+from transformers import AutoModelForImageTextToText
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = AutoModelForImageTextToText.from_pretrained(PARAMS["out"], trust_remote_code=True)
+emit({"class": type(model).__name__, "warnings": [str(w.message) for w in caught if "newer than" in str(w.message)]})
+"""
+
+
+def test_remote_code_on_an_older_transformers_fails_at_load_with_the_fix(saved_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint's code checks the user's transformers before defining anything: one message, the fix."""
+    run = run_isolated(VERSION_CHECK_BODY, tmp_path, {"out": str(saved_dir), "version": "5.3.0"}, check=False)
+    assert run.result is None and run.returncode != 0
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("ImportError: adaprune needs transformers>=")
+    assert "transformers 5.3.0 is installed; run: pip install 'transformers>=" in error
+
+
+def test_remote_code_on_a_newer_transformers_warns_once_and_loads(saved_dir: Path, tmp_path: Path) -> None:
+    run = run_isolated(VERSION_CHECK_BODY, tmp_path, {"out": str(saved_dir), "version": "5.99.0"})
+    assert run.result["class"] == CLASS_NAME
+    assert len(run.result["warnings"]) == 1
+    assert "transformers 5.99.0 is newer than the newest release adaprune was tested with" in run.result["warnings"][0]

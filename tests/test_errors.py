@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adaprune.compat import output_cache
 from helpers import load_pruned
-from transformers import LlavaProcessor, SiglipVisionConfig
+from transformers import DynamicCache, LlavaProcessor, SiglipVisionConfig, StaticCache
 
 from adaprune import AdaPruneConfig, AdaPruneLlavaForConditionalGeneration
+from adaprune.compat import output_cache
 from adaprune.tiny_llava import build_config
 
 
@@ -61,9 +61,9 @@ def test_placeholders_split_across_rows_not_by_whole_images(pruned, small_proces
 
 
 def test_non_finite_features_name_the_image(pruned, small_processor, small_images) -> None:
-    pixel_values = small_processor.image_processor(
-        [small_images["busy"], small_images["plain"]], return_tensors="pt"
-    )["pixel_values"]
+    pixel_values = small_processor.image_processor([small_images["busy"], small_images["plain"]], return_tensors="pt")[
+        "pixel_values"
+    ]
     pixel_values[1, 0, 5, 5] = float("nan")
     with pytest.raises(ValueError, match=r"images \[1\].*non-finite"):
         pruned.get_image_features(pixel_values=pixel_values)
@@ -100,6 +100,51 @@ def test_options_that_need_the_full_prefill_are_refused(pruned, one_image: dict,
         pruned.generate(**one_image, max_new_tokens=2, **option)
 
 
+def test_assisted_decoding_is_refused_in_one_line(pruned, one_image: dict) -> None:
+    with pytest.raises(ValueError, match=r"assistant_model=<AdaPruneLlavaForConditionalGeneration> cannot") as error:
+        pruned.generate(**one_image, max_new_tokens=2, assistant_model=pruned)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+def test_a_static_cache_is_refused_under_either_name(pruned, one_image: dict, cache_name: str) -> None:
+    cache = StaticCache(config=pruned.config.text_config, max_cache_len=128)
+    with pytest.raises(ValueError, match="StaticCache: pruning changes the prefill length"):
+        pruned(**one_image, **{cache_name: cache})
+    with pytest.raises(ValueError, match="StaticCache: pruning changes the prefill length"):
+        pruned.generate(**one_image, max_new_tokens=2, **{cache_name: cache})
+
+
+def test_a_cache_passed_under_both_names_is_refused(pruned, one_image: dict) -> None:
+    with pytest.raises(ValueError, match="the cache was passed twice, as cache and past_key_values"):
+        pruned(**one_image, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+def test_masked_image_placeholders_are_refused(pruned, one_image: dict) -> None:
+    """A mask hiding image tokens could leave a row with nothing but dropped placeholders (or fewer than
+    min_tokens visible): refused, in forward and generate, instead of an empty row or a silent lower budget."""
+    text = one_image["input_ids"] != pruned.config.image_token_id
+    for mask in (one_image["attention_mask"].masked_fill(text, 0), one_image["attention_mask"].clone()):
+        mask[0, (~text[0]).nonzero()[:5, 0]] = 0
+        with pytest.raises(ValueError, match=r"attention_mask hides 5 image placeholder tokens \(rows \[0\]\)"):
+            pruned(**{**one_image, "attention_mask": mask})
+        with pytest.raises(ValueError, match=r"attention_mask hides 5 image placeholder tokens"):
+            pruned.generate(**{**one_image, "attention_mask": mask}, max_new_tokens=2)
+
+
+def test_continuing_a_pruned_cache_needs_the_full_sequence(pruned, one_image: dict) -> None:
+    with torch.no_grad():
+        first = pruned.generate(**one_image, max_new_tokens=3, return_dict_in_generate=True)
+    cache = output_cache(first)
+    covered = one_image["input_ids"].shape[1] + 2
+    with pytest.raises(ValueError, match=rf"the cache already holds {covered} positions .* input_ids has {covered}"):
+        pruned.generate(input_ids=first.sequences[:, :covered], cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="inputs_embeds cannot continue a cache filled by a pruned prefill"):
+        pruned.generate(inputs_embeds=pruned.get_input_embeddings()(first.sequences), cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask covers the caller's full sequence: expected shape \(1, "):
+        pruned(input_ids=first.sequences[:, -1:], attention_mask=torch.ones(1, 5, dtype=torch.long), cache=cache)
+
+
 def test_continuing_a_cache_with_new_images_is_refused(pruned, one_image: dict) -> None:
     with torch.no_grad():
         cache = output_cache(pruned(**one_image, use_cache=True))
@@ -117,4 +162,3 @@ def test_bad_setting_after_loading_is_caught_on_use(small_checkpoint, one_image:
 def test_bad_setting_at_loading(small_checkpoint) -> None:
     with pytest.raises(ValueError, match=r"selector must be one of \['cls_attention', 'uniform'\], got 'topk'"):
         load_pruned(small_checkpoint, selector="topk")
-

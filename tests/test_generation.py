@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adaprune.compat import output_cache
 from helpers import dropped_placeholders, load_pruned, max_abs_diff, oracle_inputs
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaProcessor
+
+from adaprune.compat import cache_argument, output_cache
 
 PROMPTS = [
     "USER: <image> describe this picture ASSISTANT:",
@@ -127,7 +128,9 @@ def test_decoding_modes_match_the_oracle_with_two_images(
     assert torch.equal(ours, reference)
     expected_rows = 2 * settings.get("num_return_sequences", 1)
     assert ours.shape[0] == expected_rows
-    assert torch.equal(ours[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(expected_rows // 2, 0))
+    assert torch.equal(
+        ours[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(expected_rows // 2, 0)
+    )
 
 
 def test_no_cache_equals_cached_generation(pruned, small_processor, small_images) -> None:
@@ -139,7 +142,9 @@ def test_no_cache_equals_cached_generation(pruned, small_processor, small_images
 
 
 def test_text_only_prompts_equal_the_stock_model(pruned, small_stock, small_processor) -> None:
-    inputs = small_processor(text=["USER: a dog ASSISTANT:", "USER: red sky ? ASSISTANT:"], padding=True, return_tensors="pt")
+    inputs = small_processor(
+        text=["USER: a dog ASSISTANT:", "USER: red sky ? ASSISTANT:"], padding=True, return_tensors="pt"
+    )
     settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         ours, reference = pruned.generate(**inputs, **settings), small_stock.generate(**inputs, **settings)
@@ -196,3 +201,99 @@ def test_outputs_keep_the_stock_field_order(pruned, small_processor, small_image
     assert torch.equal(output[0], output.logits)
     assert torch.equal(as_tuple[0], output.logits)
     assert list(output.keys())[-3:] == ["pruned_position_ids", "source_index", "token_budgets"]
+
+
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+@pytest.mark.parametrize("policy", ["compact", "original"])
+def test_continuing_from_a_pruned_cache_matches_the_oracle_over_turns(
+    policy: str, cache_name: str, small_checkpoint, small_stock, small_processor, small_images
+) -> None:
+    """Multi-turn chat: each turn passes the full sequence so far plus new text and the previous turn's cache
+    (under either cache name); every turn equals the masked stock model continuing its own cache."""
+    pruned = load_pruned(small_checkpoint, energy_ratio=0.9, min_tokens=2, position_policy=policy)
+    inputs = batch_inputs(small_processor, small_images, [2, 0])
+    turn_text = small_processor.tokenizer(
+        ["USER: and the sky ? ASSISTANT:"] * 2, add_special_tokens=False, return_tensors="pt"
+    )["input_ids"]
+    greedy = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        ours = pruned.generate(**inputs, **greedy)
+        reference = small_stock.generate(
+            **oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy), **greedy
+        )
+        for _ in range(3):
+            assert torch.equal(ours.sequences, reference.sequences)
+            assert max_abs_diff(ours.logits, reference.logits) <= 1e-4
+            sequence = torch.cat([ours.sequences, turn_text], dim=1)
+            turn = {
+                "input_ids": sequence,
+                "attention_mask": torch.cat(
+                    [inputs["attention_mask"], torch.ones(2, sequence.shape[1] - inputs["input_ids"].shape[1])], dim=1
+                ).long(),
+            }
+            reference_turn = oracle_inputs(turn, image_output, pruned.config.image_token_id, policy)
+            ours = pruned.generate(**turn, **{cache_name: output_cache(ours)}, **greedy)
+            reference = small_stock.generate(**reference_turn, **cache_argument(output_cache(reference)), **greedy)
+        assert torch.equal(ours.sequences, reference.sequences)
+        assert max_abs_diff(ours.logits, reference.logits) <= 1e-4
+    assert torch.equal(ours.sequences[:, : sequence.shape[1]], sequence)
+
+
+@pytest.mark.parametrize("policy", ["compact", "original"])
+def test_forward_steps_on_a_pruned_cache_take_the_callers_full_mask(
+    policy: str, small_checkpoint, small_stock, small_processor, small_images
+) -> None:
+    """A hand-written decoding loop: after a pruned prefill, forward() takes the mask and positions of the caller's
+    full sequence, and equals the masked stock model step by step."""
+    pruned = load_pruned(small_checkpoint, energy_ratio=0.9, min_tokens=2, position_policy=policy)
+    inputs = batch_inputs(small_processor, small_images, [0, 2])
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        reference_inputs = oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy)
+        ours = pruned(**inputs, use_cache=True)
+        reference = small_stock(**reference_inputs, use_cache=True)
+        mask, reference_mask = inputs["attention_mask"], reference_inputs["attention_mask"]
+        positions = inputs["attention_mask"].sum(-1, keepdim=True) - 1
+        reference_positions = reference_inputs["position_ids"][:, -1:]
+        for _ in range(3):
+            token = reference.logits[:, -1:].argmax(-1)
+            assert torch.equal(ours.logits[:, -1:].argmax(-1), token)
+            assert max_abs_diff([ours.logits[:, -1]], [reference.logits[:, -1]]) <= 1e-4
+            mask, reference_mask = (torch.cat([m, torch.ones_like(token)], dim=1) for m in (mask, reference_mask))
+            positions, reference_positions = positions + 1, reference_positions + 1
+            ours = pruned(
+                input_ids=token,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **cache_argument(output_cache(ours)),
+            )
+            reference = small_stock(
+                input_ids=token,
+                attention_mask=reference_mask,
+                position_ids=reference_positions,
+                use_cache=True,
+                **cache_argument(output_cache(reference)),
+            )
+        assert max_abs_diff([ours.logits[:, -1]], [reference.logits[:, -1]]) <= 1e-4
+
+
+def test_beam_search_from_inputs_embeds_matches_the_oracle(pruned, small_stock, small_processor, small_images) -> None:
+    """generate(inputs_embeds=..., num_beams>1) without input_ids finds the images' placeholders in the embeddings."""
+    inputs = batch_inputs(small_processor, small_images, [2, 0])
+    settings = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
+        reference_inputs = oracle_inputs(inputs, image_output, pruned.config.image_token_id, "compact")
+        embeds = pruned.get_input_embeddings()(inputs["input_ids"])
+        ours = pruned.generate(
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
+            **settings,
+        )
+        reference = small_stock.generate(
+            inputs_embeds=embeds, **{k: v for k, v in reference_inputs.items() if k != "input_ids"}, **settings
+        )
+    assert torch.equal(ours, reference)

@@ -12,7 +12,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from adaprune.compat import output_cache
 from helpers import assert_matches_oracle, image_features, load_pruned, max_abs_diff, oracle_inputs, random_prompts
 from transformers import (
     DynamicCache,
@@ -30,6 +29,7 @@ from adaprune import (
     AdaPruneLlavaNextForConditionalGeneration,
     AdaPruneLlavaNextModel,
 )
+from adaprune.compat import output_cache
 from adaprune.spectral_budget import budgets_from_curves
 
 COMBINATIONS = [(scope, newlines) for scope in ("image", "crop") for newlines in ("keep_rows", "drop")]
