@@ -10,6 +10,7 @@ import torch
 from transformers import PretrainedConfig
 
 from adaprune import AdaPruneLlavaForConditionalGeneration, AdaPruneLlavaNextForConditionalGeneration
+from adaprune.compat import cache_argument, output_cache
 from adaprune.configuration_adaprune import STOCK_MODEL_TYPES
 
 TOLERANCE = 1e-4
@@ -111,3 +112,32 @@ def assert_matches_oracle(pruned, stock, inputs: dict):
     assert float((forward.logits - reference_logits)[kept].abs().max()) <= TOLERANCE
     assert int(kept.sum()) == int(reference_inputs["attention_mask"].sum())
     return image_output
+
+
+def assert_turns_match_oracle(pruned, stock, inputs: dict, turn: list[int], cache_name: str, turns: int = 3) -> None:
+    """Multi-turn chat: after the first answer, each turn passes the whole conversation so far plus the `turn` ids
+    (every row), its mask and the previous turn's cache under `cache_name`; every turn's tokens and logits equal
+    the masked stock model continuing its own cache, and the returned sequences start with the caller's ids."""
+    policy = pruned.config.position_policy
+    greedy = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        image_output = image_features(pruned, inputs)
+        ours = pruned.generate(**inputs, **greedy)
+        reference = stock.generate(
+            **oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy), **greedy
+        )
+        for _ in range(turns):
+            assert torch.equal(ours.sequences, reference.sequences)
+            assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE
+            new_ids = torch.tensor([turn] * len(ours.sequences))
+            sequence = torch.cat([ours.sequences, new_ids], dim=1)
+            mask = torch.ones_like(sequence)
+            mask[:, :prompt_length] = inputs["attention_mask"]
+            conversation = {"input_ids": sequence, "attention_mask": mask}
+            reference_turn = oracle_inputs(conversation, image_output, pruned.config.image_token_id, policy)
+            ours = pruned.generate(**conversation, **{cache_name: output_cache(ours)}, **greedy)
+            reference = stock.generate(**reference_turn, **cache_argument(output_cache(reference)), **greedy)
+            assert torch.equal(ours.sequences[:, : sequence.shape[1]], sequence)
+        assert torch.equal(ours.sequences, reference.sequences)
+        assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE

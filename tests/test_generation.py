@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import dropped_placeholders, load_pruned, max_abs_diff, oracle_inputs
+from helpers import assert_turns_match_oracle, dropped_placeholders, load_pruned, max_abs_diff, oracle_inputs
 from transformers import LlavaProcessor
 
 from adaprune.compat import cache_argument, output_cache
@@ -208,36 +208,12 @@ def test_outputs_keep_the_stock_field_order(pruned, small_processor, small_image
 def test_continuing_from_a_pruned_cache_matches_the_oracle_over_turns(
     policy: str, cache_name: str, small_checkpoint, small_stock, small_processor, small_images
 ) -> None:
-    """Multi-turn chat: each turn passes the full sequence so far plus new text and the previous turn's cache
-    (under either cache name); every turn equals the masked stock model continuing its own cache."""
+    """Multi-turn chat reuses the pruned cache (under either cache name), as with the stock model."""
     pruned = load_pruned(small_checkpoint, energy_ratio=0.9, min_tokens=2, position_policy=policy)
-    inputs = batch_inputs(small_processor, small_images, [2, 0])
-    turn_text = small_processor.tokenizer(
-        ["USER: and the sky ? ASSISTANT:"] * 2, add_special_tokens=False, return_tensors="pt"
-    )["input_ids"]
-    greedy = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
-        ours = pruned.generate(**inputs, **greedy)
-        reference = small_stock.generate(
-            **oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy), **greedy
-        )
-        for _ in range(3):
-            assert torch.equal(ours.sequences, reference.sequences)
-            assert max_abs_diff(ours.logits, reference.logits) <= 1e-4
-            sequence = torch.cat([ours.sequences, turn_text], dim=1)
-            turn = {
-                "input_ids": sequence,
-                "attention_mask": torch.cat(
-                    [inputs["attention_mask"], torch.ones(2, sequence.shape[1] - inputs["input_ids"].shape[1])], dim=1
-                ).long(),
-            }
-            reference_turn = oracle_inputs(turn, image_output, pruned.config.image_token_id, policy)
-            ours = pruned.generate(**turn, **{cache_name: output_cache(ours)}, **greedy)
-            reference = small_stock.generate(**reference_turn, **cache_argument(output_cache(reference)), **greedy)
-        assert torch.equal(ours.sequences, reference.sequences)
-        assert max_abs_diff(ours.logits, reference.logits) <= 1e-4
-    assert torch.equal(ours.sequences[:, : sequence.shape[1]], sequence)
+    turn = small_processor.tokenizer(["USER: and the sky ? ASSISTANT:"], add_special_tokens=False)["input_ids"][0]
+    assert_turns_match_oracle(
+        pruned, small_stock, batch_inputs(small_processor, small_images, [2, 0]), turn, cache_name
+    )
 
 
 @pytest.mark.parametrize("policy", ["compact", "original"])

@@ -12,7 +12,15 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import assert_matches_oracle, image_features, load_pruned, max_abs_diff, oracle_inputs, random_prompts
+from helpers import (
+    assert_matches_oracle,
+    assert_turns_match_oracle,
+    image_features,
+    load_pruned,
+    max_abs_diff,
+    oracle_inputs,
+    random_prompts,
+)
 from transformers import (
     DynamicCache,
     LlavaForConditionalGeneration,
@@ -324,3 +332,13 @@ def test_non_finite_features_name_the_image(source: str, next_checkpoint, mixed_
     broken[1] = float("nan")
     with pytest.raises(ValueError, match=r"images \[1\] \(0-based, in batch order\) have non-finite visual features"):
         pruned.get_image_features(pixel_values=broken, image_sizes=mixed_inputs["image_sizes"])
+
+
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+def test_continuing_from_a_pruned_cache_matches_the_oracle_over_turns(
+    next_checkpoint, next_stock, next_processor, mixed_inputs: dict, cache_name: str
+) -> None:
+    """Multi-turn chat on a mixed batch (two images in a prompt, a text-only prompt) reuses the pruned cache."""
+    pruned = load_pruned(next_checkpoint, energy_ratio=0.8, min_tokens=4, position_policy="original")
+    turn = next_processor.tokenizer(["USER: and the sky ? ASSISTANT:"], add_special_tokens=False)["input_ids"][0]
+    assert_turns_match_oracle(pruned, next_stock, mixed_inputs, turn, cache_name)
