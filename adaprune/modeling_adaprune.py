@@ -2,9 +2,10 @@
 
 `get_image_features` computes each image's budget and kept tokens and returns only the kept projected features.
 The prefill `forward` then removes the dropped image placeholders from the sequence (embeddings, attention mask,
-position ids, labels), re-pads rows on the left and runs the language model on the shorter batch.
-`_update_model_kwargs_for_generation` hands `generate()` the compacted mask and positions after prefill, so the
-cache, the mask and RoPE positions stay aligned while the returned sequences keep the caller's full prompt.
+position ids, labels), re-pads rows on the left and runs the language model on the shorter batch. The cache it
+fills carries that layout (`PrunedPrefill`), so later steps, in `generate()` or a caller's own loop, keep passing
+the mask and positions of the caller's full sequence and are mapped onto the shorter cache; the returned sequences
+keep the caller's full prompt. Differences between transformers releases live in `compat`.
 """
 
 from __future__ import annotations
@@ -427,7 +428,9 @@ with the cache object: through `generate()`, copies and later calls)."""
 
 
 def pruned_prefill_of(cache: Any) -> PrunedPrefill | None:
-    """The layout of the pruned prefill that filled `cache`, or None for an unpruned (or no) cache."""
+    """The layout of the pruned prefill that filled `cache`, or None for an empty, unpruned (or no) cache."""
+    if cache is None or cache.get_seq_length() == 0:
+        return None
     return getattr(cache, PRUNED_PREFILL_ATTRIBUTE, None)
 
 
@@ -635,6 +638,10 @@ class PrunedGenerationMixin:
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("max_new_tokens", generation_config.max_new_tokens) is None:
+            # max_length counts the whole sequence, of which only the uncached part is fed
+            kwargs["max_length"] = kwargs.get("max_length", generation_config.max_length) - covered
         output = super().generate(  # type: ignore[misc]
             input_ids[:, covered:], *args[1:], attention_mask=attention_mask, **cache_argument(cache), **kwargs
         )

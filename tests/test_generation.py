@@ -273,3 +273,14 @@ def test_beam_search_from_inputs_embeds_matches_the_oracle(pruned, small_stock, 
             inputs_embeds=embeds, **{k: v for k, v in reference_inputs.items() if k != "input_ids"}, **settings
         )
     assert torch.equal(ours, reference)
+
+
+def test_max_length_counts_the_whole_conversation_when_continuing(pruned, small_processor, small_images) -> None:
+    """max_length means the length of the whole sequence, as for the stock model, though only its uncached part
+    is fed to the model."""
+    inputs = batch_inputs(small_processor, small_images, [0])
+    with torch.no_grad():
+        first = pruned.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        sequence = torch.cat([first.sequences, first.sequences[:, -2:]], dim=1)
+        continued = pruned.generate(input_ids=sequence, cache=output_cache(first), max_length=sequence.shape[1] + 4)
+    assert continued.shape[1] == sequence.shape[1] + 4
