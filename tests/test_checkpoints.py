@@ -29,11 +29,18 @@ from helpers import load_pruned
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 import adaprune
 from adaprune import AdaPruneConfig, AdaPruneLlavaForConditionalGeneration
-from adaprune.tiny_llava import SMALL_GEOMETRY
+from adaprune.tiny_llava import SMALL_GEOMETRY, sample_images
+from adaprune.tiny_llava_next import aspect_ratio_images
 
 SETTINGS: dict[str, Any] = {"energy_ratio": 0.8, "min_tokens": 4, "position_policy": "original"}
 MODEL_TYPE = "llava_adaprune"
@@ -484,3 +491,25 @@ def test_remote_code_on_a_newer_transformers_warns_once_and_loads(saved_dir: Pat
     assert run.result["class"] == CLASS_NAME
     assert len(run.result["warnings"]) == 1
     assert "transformers 5.99.0 is newer than the newest release adaprune was tested with" in run.result["warnings"][0]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_a_checkpoint_converted_by_version_0_1_prunes_as_it_did(family: str) -> None:
+    """tests/data/v0.1-checkpoints holds tiny checkpoints converted by adaprune 0.1.0 (commit 0cf258e, before the
+    method registry), with the budgets, kept indices and greedy tokens that version gave on two prompts; the
+    current package loads them and gives exactly the same."""
+    directory = Path(__file__).parent / "data" / "v0.1-checkpoints" / family
+    expected = json.loads((directory / "expected.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    if family == "llava":
+        images = [sample_images(SMALL_GEOMETRY.image_size)[name] for name in ("busy", "plain")]
+    else:
+        images = [aspect_ratio_images()[name] for name in ("wide", "tall")]
+    inputs = processor(images=images, text=expected["prompts"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes"))
+        tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert features.token_budgets.tolist() == expected["token_budgets"]
+    assert [kept.tolist() for kept in features.kept_indices] == expected["kept_indices"]
+    assert tokens[:, inputs["input_ids"].shape[1] :].tolist() == expected["new_tokens"]
