@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
 
-from adaprune.tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, sample_images, save_tiny_llava
-from adaprune.tiny_llava_next import aspect_ratio_images, save_tiny_llava_next
+from adaprune.tools.tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, sample_images, save_tiny_llava
+from adaprune.tools.tiny_llava_next import aspect_ratio_images, save_tiny_llava_next
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -7,7 +7,7 @@ import torch
 from transformers import LlavaNextForConditionalGeneration
 
 from adaprune.anyres_layout import budget_units, packed_layout, patch_boxes, with_row_newlines
-from adaprune.tiny_llava_next import LLAVA_NEXT_PINPOINTS
+from adaprune.tools.tiny_llava_next import LLAVA_NEXT_PINPOINTS
 
 CROP, PATCH = 336, 14
 SIDE = CROP // PATCH

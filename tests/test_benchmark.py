@@ -1,4 +1,4 @@
-"""The benchmark command (`adaprune.benchmark`) runs on a tiny setting and writes its results; its baselines are
+"""The benchmark command (`adaprune.tools.benchmark`) runs on a tiny setting and writes its results; its baselines are
 what they claim to be. No timing is asserted: timings on a shared machine are not reproducible."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from matplotlib.image import imread
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from adaprune.benchmark import _features_cut_to, _shortened_inputs, main
+from adaprune.tools.benchmark import _features_cut_to, _shortened_inputs, main
 from helpers import load_pruned
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +28,7 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
     code, output_dir = quick_run
     assert code == 0
     results = json.loads((output_dir / "results.json").read_text())
-    assert results["command"] == f"python -m adaprune.benchmark --quick --images 2 --output-dir {output_dir}"
+    assert results["command"] == f"python -m adaprune.tools.benchmark --quick --images 2 --output-dir {output_dir}"
     assert results["machine"]["torch"] == torch.__version__
 
     rows = results["end_to_end"]["rows"]
@@ -83,7 +83,7 @@ def test_quick_run_writes_markdown_with_tables_goals_and_plots(quick_run: tuple[
         "## Goals",
     ):
         assert heading in report
-    assert "Command: `python -m adaprune.benchmark --quick" in report
+    assert "Command: `python -m adaprune.tools.benchmark --quick" in report
     assert "Quick run" in report
     assert report.count("| adaptive | 8 |") == 2
     for name in ("end_to_end.png", "budget_solvers.png", "cost_model.png"):
@@ -167,7 +167,7 @@ def test_ideal_baseline_generates_what_the_pruned_model_does(
 
 def test_console_command_records_itself(tmp_path: Path) -> None:
     """`adaprune bench` writes the command as typed into its results."""
-    from adaprune.cli import main as adaprune_main
+    from adaprune.tools.cli import main as adaprune_main
 
     argv = ["bench", "--quick", "--images", "2", "--sections", "cost", "--output-dir", str(tmp_path)]
     assert adaprune_main(argv) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaprune.calibration import (
+from adaprune.tools.calibration import (
     CalibrationError,
     UnitCurves,
     budget_statistics,

@@ -39,8 +39,8 @@ from transformers import (
 
 import adaprune
 from adaprune import AdaPruneConfig, AdaPruneLlavaForConditionalGeneration
-from adaprune.tiny_llava import SMALL_GEOMETRY, sample_images
-from adaprune.tiny_llava_next import aspect_ratio_images
+from adaprune.tools.tiny_llava import SMALL_GEOMETRY, sample_images
+from adaprune.tools.tiny_llava_next import aspect_ratio_images
 
 SETTINGS: dict[str, Any] = {"energy_ratio": 0.8, "min_tokens": 4, "position_policy": "original"}
 MODEL_TYPE = "llava_adaprune"

@@ -26,10 +26,10 @@ from test_checkpoints import run_isolated
 from transformers import LlavaProcessor
 
 from adaprune import AdaPruneLlavaForConditionalGeneration
-from adaprune.cli import main
-from adaprune.demo import demo_images
-from adaprune.model_card import CALIBRATION_FILE
-from adaprune.tiny_llava import SMALL_GEOMETRY
+from adaprune.tools.cli import main
+from adaprune.tools.demo import demo_images
+from adaprune.tools.model_card import CALIBRATION_FILE
+from adaprune.tools.tiny_llava import SMALL_GEOMETRY
 
 BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
 SOURCE_LICENSE = "llama2"

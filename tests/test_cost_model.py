@@ -1,4 +1,4 @@
-"""The FLOPs and KV-cache model (`adaprune.cost_model`) against hand-computed values and real module shapes."""
+"""The FLOPs and KV-cache model (`adaprune.tools.cost_model`) against hand-computed values and real module shapes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaModel
 
-from adaprune.cost_model import (
+from adaprune.tools.cost_model import (
     CLIP_VIT_L_336,
     LLAVA_15_7B,
     LLAVA_NEXT_8B,

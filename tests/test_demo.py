@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from adaprune.cli import main
-from adaprune.demo import demo_images
-from adaprune.tiny_llava import SMALL_GEOMETRY
+from adaprune.tools.cli import main
+from adaprune.tools.demo import demo_images
+from adaprune.tools.tiny_llava import SMALL_GEOMETRY
 
 TARGET = 12
 

@@ -9,7 +9,7 @@ from transformers import DynamicCache, LlavaProcessor, SiglipVisionConfig, Stati
 
 from adaprune import AdaPruneConfig, AdaPruneLlavaForConditionalGeneration
 from adaprune.compat import output_cache
-from adaprune.tiny_llava import build_config
+from adaprune.tools.tiny_llava import build_config
 
 
 @pytest.fixture(scope="module")

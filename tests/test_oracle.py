@@ -13,7 +13,7 @@ import torch
 from helpers import assert_matches_oracle, load_pruned, random_prompts
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from adaprune.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
+from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
 
 @pytest.mark.parametrize("seed", range(10))
 def test_random_batches_match_masked_stock_model(

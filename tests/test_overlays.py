@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from transformers import LlavaProcessor
 
-from adaprune.plots import DROPPED_SHADE, KEPT_OUTLINE, draw_kept_patches
-from adaprune.tiny_llava import SMALL_GEOMETRY
-from adaprune.workflow import llava_kept_patches, processed_image
+from adaprune.tools.plots import DROPPED_SHADE, KEPT_OUTLINE, draw_kept_patches
+from adaprune.tools.tiny_llava import SMALL_GEOMETRY
+from adaprune.tools.workflow import llava_kept_patches, processed_image
 
 PATCH = SMALL_GEOMETRY.patch_size
 GRID = SMALL_GEOMETRY.image_size // PATCH
@@ -68,7 +68,7 @@ def test_llava_next_boxes_are_the_kept_visual_tokens_on_the_base_crop(
     from helpers import image_features, load_pruned
 
     from adaprune.anyres_layout import packed_layout
-    from adaprune.workflow import OVERLAY_LONG_SIDE, llava_next_kept_patches
+    from adaprune.tools.workflow import OVERLAY_LONG_SIDE, llava_next_kept_patches
 
     model = load_pruned(next_checkpoint, energy_ratio=0.9, min_tokens=4)
     image = next_images["wide"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spectral_budget import budgets_from_curves
+from adaprune.spectral_budget import budgets_from_curves
 
 PERCENTILES = (10, 25, 50, 75, 90)
 MAX_DECIMALS = 9

@@ -27,9 +27,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
-from .anyres_layout import config_packed_layout, patch_boxes
+from adaprune.anyres_layout import config_packed_layout, patch_boxes
 from .calibration import Calibration, UnitCurves, calibrate_energy_ratio
-from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings, settings_class_for
+from adaprune.configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings, settings_class_for
 from .model_card import (
     base_model_id,
     base_model_license,
@@ -39,7 +39,7 @@ from .model_card import (
     write_calibration_record,
     write_model_card,
 )
-from .modeling_adaprune import (
+from adaprune.modeling_adaprune import (
     AdaPruneImageFeaturesOutput,
     AdaPruneLlavaForConditionalGeneration,
     AdaPruneLlavaNextForConditionalGeneration,

@@ -13,7 +13,7 @@ random weights locally (no downloads), then measures, in one run:
 
 It writes results.json, results.md and PNG plots to --output-dir.
 
-    python -m adaprune.benchmark [--quick] [--output-dir docs/benchmarks] [--threads 2] [--device cpu]
+    python -m adaprune.tools.benchmark [--quick] [--output-dir docs/benchmarks] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from .cost_model import (
     llava_prefill_flops,
 )
 from .calibration import UnitCurves, calibrate_energy_ratio
-from .modeling_adaprune import AdaPruneLlavaForConditionalGeneration
-from .spectral_budget import budgets_from_curves, energy_curves
+from adaprune.modeling_adaprune import AdaPruneLlavaForConditionalGeneration
+from adaprune.spectral_budget import budgets_from_curves, energy_curves
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
 from .workflow import DEFAULT_PROMPT, median_seconds, positive_int, prompt_for
 
@@ -93,7 +93,7 @@ SECTIONS = ("e2e", "solver", "cost")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options, for `python -m adaprune.benchmark` and `adaprune bench`."""
+    """The benchmark's options, for `python -m adaprune.tools.benchmark` and `adaprune bench`."""
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and few repeats: checks the command, in seconds"
     )
@@ -1042,7 +1042,7 @@ def _write_plots(results: dict[str, Any], output_dir: Path) -> list[str]:
 
 
 def _command_line(args: argparse.Namespace) -> str:
-    """The command as typed (`adaprune bench ...` or `python -m adaprune.benchmark ...`), set by the entry point."""
+    """The command as typed (`adaprune bench ...` or `python -m adaprune.tools.benchmark ...`), set by the entry point."""
     return getattr(args, "command_line", None) or shlex.join(["adaprune", *sys.argv[1:]])
 
 
@@ -1101,12 +1101,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m adaprune.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m adaprune.tools.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.command_line = shlex.join(
-        ["python", "-m", "adaprune.benchmark", *(sys.argv[1:] if argv is None else argv)]
+        ["python", "-m", "adaprune.tools.benchmark", *(sys.argv[1:] if argv is None else argv)]
     )
     return run(args)
 

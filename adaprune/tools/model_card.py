@@ -21,7 +21,7 @@ import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from .configuration_adaprune import settings_class_for
+from adaprune.configuration_adaprune import settings_class_for
 
 T = TypeVar("T")
 
