@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
+from support.oracle import load_pruned
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from adaprune.tools.benchmark import _features_cut_to, _shortened_inputs, main
-from helpers import load_pruned
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,25 +10,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
-import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import load_pruned
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from support.oracle import load_pruned
+from support.remote_code import relative_imports, run_isolated, state_checksum
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -59,83 +52,6 @@ PROMPTS = (
 )
 NEW_TOKENS = 5
 PACKAGE_DIR = Path(adaprune.__file__).parent
-RELATIVE_IMPORT = re.compile(r"^[ \t]*from[ \t]+(\.+)([\w.]*)[ \t]+import", re.MULTILINE)
-
-# Runs first in every subprocess: the installed package must be unimportable, so only the saved code can be used.
-SCRIPT_PRELUDE = '''
-import sys
-
-
-class _BlockAdaprune:
-    """Import hook that makes the installed `adaprune` package unimportable."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "adaprune" or name.startswith("adaprune."):
-            raise ImportError(f"adaprune is blocked in this process ({name})")
-        return None
-
-
-sys.meta_path.insert(0, _BlockAdaprune())
-
-import hashlib
-import json
-
-import torch
-
-PARAMS = json.loads(sys.argv[1])
-torch.set_num_threads(PARAMS["threads"])
-
-
-def emit(result):
-    with open(PARAMS["result_file"], "w") as file:
-        json.dump(result, file)
-'''
-
-
-def state_checksum(model: torch.nn.Module) -> str:
-    """SHA-256 over every state_dict entry's name, dtype, shape and bytes, in key order (also run in subprocesses)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-@dataclass
-class ScriptRun:
-    """Outcome of a subprocess script: exit code, its emitted JSON result (None if it emitted none), stderr."""
-
-    returncode: int
-    result: dict[str, Any] | None
-    stderr: str
-
-
-def run_isolated(body: str, workdir: Path, params: dict[str, Any], check: bool = True) -> ScriptRun:
-    """Runs `body` after SCRIPT_PRELUDE in a fresh interpreter that cannot import adaprune: cwd and HF_HOME are new
-    directories under `workdir`, offline, stdin closed; `emit(result)` stores the JSON result in a file.
-    With `check`, asserts a clean exit with a result."""
-    cwd, hf_home, result_file = workdir / "cwd", workdir / "hf_home", workdir / "result.json"
-    params = {"threads": torch.get_num_threads(), "result_file": str(result_file), **params}
-    cwd.mkdir(parents=True)
-    hf_home.mkdir(parents=True)
-    script = SCRIPT_PRELUDE + "\n\n" + inspect.getsource(state_checksum) + "\n\n" + textwrap.dedent(body)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "TRANSFORMERS_VERBOSITY": "error"}
-    completed = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(params)],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    result = json.loads(result_file.read_text()) if result_file.exists() else None
-    run = ScriptRun(completed.returncode, result, completed.stderr)
-    if check:
-        assert run.returncode == 0 and run.result is not None, f"subprocess failed:\n{run.stderr[-4000:]}"
-    return run
-
 
 def checkpoint_keys(directory: Path) -> list[str]:
     """The tensor names stored in a single-file safetensors checkpoint."""
@@ -156,15 +72,6 @@ def write_new_layout(source: Path, state_dict: dict[str, torch.Tensor], destinat
     tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state_dict.items()}
     save_file(tensors, str(destination / WEIGHTS), metadata={"format": "pt"})
     return destination
-
-
-def relative_imports(source: str) -> list[str]:
-    """Sibling modules imported as `from .x import ...`; fails on forms `custom_object_save` cannot copy."""
-    modules = []
-    for dots, name in RELATIVE_IMPORT.findall(source):
-        assert dots == "." and name and "." not in name, f"unsupported relative import 'from {dots}{name} import'"
-        modules.append(name)
-    return modules
 
 
 def assert_remote_code_checkpoint(directory: Path) -> None:

@@ -6,8 +6,6 @@ loads the converted, calibrated checkpoint with trust_remote_code in a process t
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -22,11 +20,11 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
-from test_checkpoints import run_isolated
+from support.cli import assert_nontrivial_png, run_cli
+from support.remote_code import run_isolated
 from transformers import LlavaProcessor
 
 from adaprune import AdaPruneLlavaForConditionalGeneration
-from adaprune.tools.cli import main
 from adaprune.tools.demo import demo_images
 from adaprune.tools.model_card import CALIBRATION_FILE
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY
@@ -58,22 +56,6 @@ CHECKPOINT_FILES = CODE_FILES | {
 }
 PROGRESS_BAR = re.compile(r"\|.*\| *\d+/\d+ \[")  # tqdm's bars (model loading, energy curves) share stderr
 PLOTS = ("budget_histogram.png", "energy_curves.png", "kept_patches.png")
-
-
-def run_cli(argv: list[Any]) -> tuple[int, str, str]:
-    """`adaprune ARGV` in-process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(arg) for arg in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_nontrivial_png(path: Path, min_colours: int = 16) -> None:
-    """A valid PNG with real content: many distinct colours, not a blank canvas."""
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
-    assert colours is not None and len(colours) >= min_colours, f"{path} has {len(colours or [])} colours"
 
 
 def image_budgets(checkpoint: Path, image_paths: list[Path]) -> list[int]:

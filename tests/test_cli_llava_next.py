@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import image_features, load_pruned
 from PIL import Image
-from test_cli import assert_nontrivial_png, run_cli
+from support.cli import assert_nontrivial_png, run_cli
+from support.oracle import image_features, load_pruned
 
 TARGET = 60.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_pruned
+from support.oracle import load_pruned
 from transformers import DynamicCache, LlavaProcessor, SiglipVisionConfig, StaticCache
 
 from adaprune import AdaPruneConfig, AdaPruneLlavaForConditionalGeneration

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_turns_match_oracle, dropped_placeholders, load_pruned, max_abs_diff, oracle_inputs
+from support.oracle import assert_turns_match_oracle, dropped_placeholders, load_pruned, max_abs_diff, oracle_inputs
 from transformers import LlavaProcessor
 
 from adaprune.compat import cache_argument, output_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import load_pruned
+from support.oracle import load_pruned
 from transformers import LlavaProcessor
 
 from adaprune.token_selection import evenly_spaced_mask

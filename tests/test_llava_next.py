@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import (
+from support.oracle import (
     assert_matches_oracle,
     assert_turns_match_oracle,
     image_features,

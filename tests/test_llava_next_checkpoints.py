@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import load_pruned
 from PIL import Image
-from test_checkpoints import relative_imports, run_isolated, state_checksum
+from support.oracle import load_pruned
+from support.remote_code import relative_imports, run_isolated, state_checksum
 from transformers import AutoModelForImageTextToText, LlavaNextProcessor
 
 from adaprune import AdaPruneLlavaNextForConditionalGeneration

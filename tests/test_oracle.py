@@ -9,11 +9,11 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from helpers import assert_matches_oracle, load_pruned, random_prompts
+from support.oracle import assert_matches_oracle, load_pruned, random_prompts
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
+
 
 @pytest.mark.parametrize("seed", range(10))
 def test_random_batches_match_masked_stock_model(

@@ -65,7 +65,7 @@ def test_llava_next_boxes_are_the_kept_visual_tokens_on_the_base_crop(
 ) -> None:
     """LLaVA-NeXT: the picture has the image's aspect ratio; one box per kept visual token (newlines have none),
     the base-crop tokens' boxes on that token's patch of the stretched base crop."""
-    from helpers import image_features, load_pruned
+    from support.oracle import image_features, load_pruned
 
     from adaprune.anyres_layout import packed_layout
     from adaprune.tools.workflow import OVERLAY_LONG_SIDE, llava_next_kept_patches

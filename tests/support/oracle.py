@@ -1,4 +1,4 @@
-"""Helpers shared by the tests."""
+"""Pruning models loaded by checkpoint type, random prompts, and the oracle: the stock model fed the full sequence with the dropped image tokens masked out."""
 
 from __future__ import annotations
 
