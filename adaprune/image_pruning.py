@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .configuration_adaprune import PruningSettings
-from .spectral_budget import budgets_from_curves, energy_curves
-from .token_selection import get_selector, kept_indices_from_mask
+from .token_selection import kept_indices_from_mask
 
 
 @dataclass(frozen=True)
@@ -48,31 +47,6 @@ class UnitGroup:
     images: Sequence[int] | None = None
 
 
-def settings_energy_curves(spectrum_features: torch.Tensor, settings: PruningSettings) -> torch.Tensor:
-    """Energy curves of (n, N, d) features under the settings' centring and solver: (n, N) float32."""
-    return energy_curves(
-        spectrum_features,
-        center=settings.center_spectrum,
-        solver=settings.spectrum_solver,
-        randomized_rank=settings.randomized_rank,
-        randomized_oversampling=settings.randomized_oversampling,
-        randomized_power_iterations=settings.randomized_power_iterations,
-    )
-
-
-def compute_budgets(spectrum_features: torch.Tensor, settings: PruningSettings) -> torch.LongTensor:
-    """Per-unit budgets for (n, N, d) features under the settings' budget mode."""
-    n_units, n_tokens = spectrum_features.shape[:2]
-    if settings.budget_mode == "fixed":
-        return torch.full((n_units,), min(settings.fixed_tokens, n_tokens), device=spectrum_features.device)
-    return budgets_from_curves(
-        settings_energy_curves(spectrum_features, settings),
-        settings.energy_ratio,
-        min_tokens=settings.min_tokens,
-        max_tokens=settings.max_tokens,
-    )
-
-
 def _budgets_keep_finite(
     group: UnitGroup, settings: PruningSettings
 ) -> tuple[torch.LongTensor, torch.BoolTensor, torch.BoolTensor]:
@@ -81,8 +55,8 @@ def _budgets_keep_finite(
     finite = torch.stack(
         [tensor.detach().isfinite().flatten(1).all(-1) for tensor in (spectrum_features, *group.checked_features)]
     ).all(0)
-    budgets = compute_budgets(torch.nan_to_num(spectrum_features), settings)
-    keep = get_selector(settings.selector).keep_mask({"features": spectrum_features, **group.signals}, budgets)
+    budgets = settings.budget_rule.budgets(torch.nan_to_num(spectrum_features))
+    keep = settings.token_selector.keep_mask({"features": spectrum_features, **group.signals}, budgets)
     return budgets, keep, finite
 
 

@@ -51,7 +51,7 @@ from .compat import (
     with_signature_of,
 )
 from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, AnyResPruningSettings, PruningSettings
-from .image_pruning import UnitGroup, prune_groups, prune_images, settings_energy_curves
+from .image_pruning import UnitGroup, prune_groups, prune_images
 from .sequence_compaction import (
     CompactionPlan,
     PrunedPrefill,
@@ -61,7 +61,7 @@ from .sequence_compaction import (
     placeholder_keep_flags,
     pruned_prefill,
 )
-from .token_selection import get_selector, kept_indices_from_mask
+from .token_selection import kept_indices_from_mask
 
 IGNORE_INDEX = -100
 
@@ -263,7 +263,7 @@ class PrunedPrefillMixin:
         if not settings.enabled:
             return self._stock_image_features(**stock_kwargs)
         signals: dict[str, torch.Tensor] = {}
-        if "cls_attention" in get_selector(settings.selector).required_signals:
+        if "cls_attention" in settings.token_selector.required_signals:
             with _capturing_cls_attention(_cls_attention_module(self.vision_tower, layer)) as signals:
                 output = self._stock_image_features(**stock_kwargs)
             if strategy == "default":
@@ -465,7 +465,7 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
         image_sizes: torch.Tensor | None,
     ) -> list[list[torch.Tensor]]:
         _, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
-        return [[curve] for curve in settings_energy_curves(spectrum_features, settings)]
+        return [[curve] for curve in settings.spectrum.curves(spectrum_features)]
 
     def _spectrum_inputs(
         self, output: BaseModelOutputWithPooling, settings: PruningSettings, layer: int | list[int], strategy: str
@@ -807,7 +807,7 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
         layouts = self._layouts(image_sizes, list(output.pooler_output))
         curves: list[list[tuple[int, torch.Tensor]]] = [[] for _ in layouts]
         for batch in self._unit_batches(output, {}, settings, layer, strategy, layouts):
-            unit_curves = settings_energy_curves(batch.group.spectrum_features, settings)
+            unit_curves = settings.spectrum.curves(batch.group.spectrum_features)
             for unit_id, image, curve in zip(batch.unit_ids, batch.group.images, unit_curves):
                 curves[image].append((unit_id, curve))
         return [[curve for _, curve in sorted(units, key=lambda unit: unit[0])] for units in curves]

@@ -1,14 +1,10 @@
-"""Which tokens an image keeps once its budget is known.
+"""The selection steps every selector shares: top-k by score, evenly spaced picks, and kept indices from a mask.
 
-A selector turns per-image signals (the visual features, and whatever else it declares in ``required_signals``,
-e.g. the vision tower's [CLS] attention) and per-image budgets into a boolean keep mask. Selectors are small,
-stateless and registered by name in ``SELECTORS``; the model computes the signals a selector asks for.
-All functions are batched over images and free of per-token Python loops.
+Selectors (`method_*.py`, registered in `methods.py`) turn per-unit signals and budgets into a keep mask with
+these. All functions are batched over units and free of per-token Python loops.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 
@@ -39,43 +35,3 @@ def kept_indices_from_mask(keep: torch.Tensor, budgets: list[int]) -> tuple[torc
     positions = torch.arange(n_tokens, device=keep.device).expand_as(keep)
     padded = torch.where(keep, positions, n_tokens).sort(dim=-1).values[:, : max(budgets, default=0)]
     return padded, [padded[row, :count] for row, count in enumerate(budgets)]
-
-
-class TokenSelector:
-    """Base class: `keep_mask(signals, budgets)` returns which of each image's N tokens to keep."""
-
-    name: ClassVar[str]
-    required_signals: ClassVar[frozenset[str]] = frozenset()
-
-    def keep_mask(self, signals: dict[str, torch.Tensor], budgets: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class ClsAttentionSelector(TokenSelector):
-    """The tokens the vision tower's [CLS] query attends to most at the feature layer (mean over heads)."""
-
-    name = "cls_attention"
-    required_signals = frozenset({"cls_attention"})
-
-    def keep_mask(self, signals: dict[str, torch.Tensor], budgets: torch.Tensor) -> torch.Tensor:
-        return top_k_mask(signals["cls_attention"], budgets)
-
-
-class UniformSelector(TokenSelector):
-    """Tokens evenly spaced over the patch grid in raster order: a content-blind baseline."""
-
-    name = "uniform"
-
-    def keep_mask(self, signals: dict[str, torch.Tensor], budgets: torch.Tensor) -> torch.Tensor:
-        return evenly_spaced_mask(signals["features"].shape[-2], budgets)
-
-
-SELECTORS: dict[str, TokenSelector] = {selector.name: selector for selector in (ClsAttentionSelector(), UniformSelector())}
-
-
-def get_selector(name: str) -> TokenSelector:
-    """Looks a selector up by name, with an error that lists the registered ones."""
-    try:
-        return SELECTORS[name]
-    except KeyError:
-        raise ValueError(f"selector must be one of {sorted(SELECTORS)}, got {name!r}") from None

@@ -42,6 +42,12 @@ CODE_FILES = {
     "modeling_adaprune.py",
     "sequence_compaction.py",
     "compat.py",
+    "settings.py",
+    "methods.py",
+    "method_energy.py",
+    "method_fixed.py",
+    "method_cls_attention.py",
+    "method_uniform.py",
     "spectral_budget.py",
     "token_selection.py",
 }

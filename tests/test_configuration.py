@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,13 @@ import transformers
 from transformers import LlavaConfig
 
 import adaprune  # noqa: F401 - registers the pruning config with AutoConfig
-from adaprune import AdaPruneConfig, PruningSettings
-from adaprune.configuration_adaprune import BUDGET_MODES, SPECTRUM_SOLVERS, SPECTRUM_SOURCES
+from adaprune import AdaPruneConfig, AnyResPruningSettings, PruningSettings
 from adaprune.image_pruning import prune_images
+from adaprune.methods import BUDGET_RULES, SELECTORS
 from adaprune.sequence_compaction import POSITION_POLICIES
 from adaprune.spectral_budget import budgets_from_curves, energy_curves
-from adaprune.token_selection import SELECTORS, top_k_mask
+from adaprune.token_selection import top_k_mask
+from adaprune.tools.settings_docs import with_table
 
 DOCUMENTED_DEFAULTS = {
     "enabled": True,
@@ -61,16 +61,16 @@ BAD_VALUES = [
     *[("energy_ratio", value, "a number in (0, 1]") for value in (0, -0.1, 1.5, "0.5", True)],
     *[("min_tokens", value, INTEGER_AT_LEAST_ONE) for value in (0, 2.5)],
     ("max_tokens", 3, "None or an integer >= min_tokens (16)"),
-    ("budget_mode", "x", f"one of {BUDGET_MODES}"),
-    ("spectrum_solver", "svd", f"one of {SPECTRUM_SOLVERS}"),
-    ("selector", "nope", f"one of {sorted(SELECTORS)}"),
-    ("position_policy", "x", f"one of {POSITION_POLICIES}"),
+    ("budget_mode", "x", f"one of {list(BUDGET_RULES)}"),
+    ("spectrum_solver", "svd", "one of ['exact', 'randomized']"),
+    ("selector", "nope", f"one of {list(SELECTORS)}"),
+    ("position_policy", "x", f"one of {list(POSITION_POLICIES)}"),
     ("enabled", "yes", BOOLEAN),
     ("randomized_rank", 0, INTEGER_AT_LEAST_ONE),
     ("randomized_oversampling", -1, "an integer >= 0"),
     ("randomized_power_iterations", 1.0, "an integer >= 0"),
     ("fixed_tokens", 0, INTEGER_AT_LEAST_ONE),
-    ("spectrum_source", "x", f"one of {SPECTRUM_SOURCES}"),
+    ("spectrum_source", "x", "one of ['vision', 'projected']"),
     ("center_spectrum", 1, BOOLEAN),
 ]
 
@@ -82,7 +82,7 @@ def settings_message(field: str, value: Any, allowed: str) -> str:
 
 def pruning_of(config: Any) -> dict[str, Any]:
     """The pruning fields of a config, by name."""
-    return {field.name: getattr(config, field.name) for field in fields(PruningSettings)}
+    return {name: getattr(config, name) for name in PruningSettings.field_names()}
 
 
 def test_defaults() -> None:
@@ -216,3 +216,11 @@ def test_prune_images_rejects_non_finite_features_naming_the_image(bad_value: fl
     projected[0, 0, 0] = projected[2, 7, 1] = bad_value
     with pytest.raises(ValueError, match=r"images \[0, 2\] \(0-based"):
         prune_images(features, signals, settings, checked_features=(projected,))
+
+
+def test_the_readme_settings_table_is_the_generated_one() -> None:
+    """The README's settings table is generated from the declarations (python -m adaprune.tools.settings_docs)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert with_table(readme) == readme, "run: python -m adaprune.tools.settings_docs --write README.md"
+    for name in AnyResPruningSettings.field_names():
+        assert f"| `{name}` |" in readme

@@ -283,8 +283,8 @@ def test_wrong_placeholder_count_is_a_clear_error(next_checkpoint, next_processo
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"budget_scope": "tile"}, r"budget_scope must be one of \('image', 'crop'\), got 'tile'"),
-        ({"newline_policy": "keep"}, r"newline_policy must be one of \('keep_rows', 'drop'\), got 'keep'"),
+        ({"budget_scope": "tile"}, r"budget_scope must be one of \['image', 'crop'\], got 'tile'"),
+        ({"newline_policy": "keep"}, r"newline_policy must be one of \['keep_rows', 'drop'\], got 'keep'"),
     ],
 )
 def test_bad_any_resolution_settings(setting: dict, message: str, next_checkpoint) -> None:

@@ -21,7 +21,7 @@ def test_llava_15_7b_config_gives_the_stock_architecture() -> None:
     assert config.pruning == PruningSettings(energy_ratio=0.8)
 
     stock_fields, fields = stock_config.to_dict(), config.to_dict()
-    pruning_fields = set(PruningSettings.__dataclass_fields__) | {"model_type"}
+    pruning_fields = set(PruningSettings.field_names()) | {"model_type"}
     shared = (stock_fields.keys() | fields.keys()) - pruning_fields
     assert {key: fields.get(key) for key in shared} == {key: stock_fields.get(key) for key in shared}
     assert fields["model_type"] == "llava_adaprune" and stock_fields["model_type"] == "llava"

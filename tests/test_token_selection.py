@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from adaprune.token_selection import (
-    SELECTORS,
-    ClsAttentionSelector,
-    UniformSelector,
-    evenly_spaced_mask,
-    get_selector,
-    kept_indices_from_mask,
-    top_k_mask,
-)
+from adaprune import PruningSettings
+from adaprune.method_cls_attention import ClsAttentionSelector
+from adaprune.method_uniform import UniformSelector
+from adaprune.methods import SELECTORS
+from adaprune.token_selection import evenly_spaced_mask, kept_indices_from_mask, top_k_mask
 
 
 def reference_top_k(scores: np.ndarray, budgets: list[int]) -> np.ndarray:
@@ -99,19 +95,19 @@ def test_kept_indices_from_an_empty_batch() -> None:
     assert per_row == []
 
 
-def test_get_selector_returns_registered_selectors() -> None:
+def test_registered_selectors_resolve_by_name() -> None:
     """Both registered names resolve to their selectors and signals."""
-    assert isinstance(get_selector("cls_attention"), ClsAttentionSelector)
-    assert isinstance(get_selector("uniform"), UniformSelector)
-    assert get_selector("cls_attention").required_signals == frozenset({"cls_attention"})
-    assert get_selector("uniform").required_signals == frozenset()
+    assert isinstance(PruningSettings(selector="cls_attention").token_selector, ClsAttentionSelector)
+    assert isinstance(PruningSettings(selector="uniform").token_selector, UniformSelector)
+    assert SELECTORS["cls_attention"].required_signals == frozenset({"cls_attention"})
+    assert SELECTORS["uniform"].required_signals == frozenset()
     assert sorted(SELECTORS) == ["cls_attention", "uniform"]
 
 
-def test_get_selector_rejects_unknown_names_listing_the_registered_ones() -> None:
+def test_unknown_selector_names_are_rejected_listing_the_registered_ones() -> None:
     """The error lists the registered names."""
     with pytest.raises(ValueError, match=r"\['cls_attention', 'uniform'\].*'nope'"):
-        get_selector("nope")
+        PruningSettings(selector="nope")
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -123,10 +119,10 @@ def test_selectors_keep_exactly_their_budgets(seed: int) -> None:
     signals = {"features": torch.randn(n_images, n_tokens, 8), "cls_attention": torch.from_numpy(attention)}
     budgets = random_budgets(rng, n_images, n_tokens)
 
-    cls_keep = get_selector("cls_attention").keep_mask(signals, budgets)
+    cls_keep = ClsAttentionSelector().keep_mask(signals, budgets)
     np.testing.assert_array_equal(cls_keep.numpy(), reference_top_k(attention, budgets.tolist()))
 
-    uniform_keep = get_selector("uniform").keep_mask(signals, budgets)
+    uniform_keep = UniformSelector().keep_mask(signals, budgets)
     for row, budget in zip(uniform_keep, budgets.tolist()):
         assert torch.nonzero(row).flatten().tolist() == reference_evenly_spaced(n_tokens, budget)
     for keep in (cls_keep, uniform_keep):

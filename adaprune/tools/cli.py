@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from adaprune.configuration_adaprune import AnyResPruningSettings
+from adaprune.settings import setting_type
+
 from . import benchmark, demo
 from .calibration import CalibrationError
 from .model_card import CALIBRATION_FILE, PublishError, publish_checkpoint
@@ -43,8 +46,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_EXIT, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _max_tokens(value: str) -> int | None:
-    """--max-tokens: an integer, or 'none' for no cap."""
+def _integer_or_none(value: str) -> int | None:
+    """An integer setting whose default is None: an integer, or 'none'."""
     if value.lower() == "none":
         return None
     try:
@@ -53,32 +56,29 @@ def _max_tokens(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
 
 
-# Config field -> (type or action, help). Values are validated by the model type's settings class (PruningSettings
-# or AnyResPruningSettings), with the config's messages.
-PRUNING_OPTIONS: dict[str, tuple[Any, str]] = {
-    "energy_ratio": (float, "tau in (0, 1]: the kept rank must hold this fraction of the spectral energy"),
-    "min_tokens": (int, "smallest budget of an image (or budget unit)"),
-    "max_tokens": (_max_tokens, "largest budget of an image (or budget unit); 'none' for its token count"),
-    "budget_mode": (str, "'energy' (per-image budget from the spectrum) or 'fixed' (every image keeps --fixed-tokens)"),
-    "fixed_tokens": (int, "budget of every image with --budget-mode fixed"),
-    "spectrum_source": (str, "'vision' (the projector's input) or 'projected' (its output)"),
-    "center_spectrum": (argparse.BooleanOptionalAction, "subtract each image's mean token before the spectrum"),
-    "spectrum_solver": (str, "'exact' or 'randomized'"),
-    "randomized_rank": (int, "singular values the randomized solver computes"),
-    "randomized_oversampling": (int, "extra sketch columns of the randomized solver"),
-    "randomized_power_iterations": (int, "power iterations of the randomized solver"),
-    "selector": (str, "which tokens to keep: 'cls_attention' or 'uniform'"),
-    "position_policy": (str, "'compact' (kept tokens get consecutive positions) or 'original'"),
-    "budget_scope": (str, "LLaVA-NeXT: 'image' (one budget over all crops) or 'crop' (one budget per crop)"),
-    "newline_policy": (str, "LLaVA-NeXT: 'keep_rows' (newline of every grid row that keeps a token) or 'drop'"),
-}
+def pruning_options() -> dict[str, tuple[Any, str]]:
+    """Every pruning setting of every model family and registered method as an option: name -> (type or action,
+    help), from the settings' declarations. Values are validated by the model type's settings class, with the
+    config's messages."""
+    options: dict[str, tuple[Any, str]] = {}
+    for name, (declaration, group) in AnyResPruningSettings.declared().items():
+        kind = setting_type(declaration, group)
+        if kind is bool:
+            parse: Any = argparse.BooleanOptionalAction
+        elif kind is int and declaration.default is None:
+            parse = _integer_or_none
+        else:
+            parse = kind
+        options[name] = (parse, f"{declaration.metadata['help']} (default {declaration.default!r})")
+    return options
 
 
 def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     """The pruning settings as options (--energy-ratio, --min-tokens, ...); unset ones keep the checkpoint's."""
     group = parser.add_argument_group("pruning settings (default: the checkpoint's, else adaprune's defaults)")
-    for field, (kind, help_text) in PRUNING_OPTIONS.items():
+    for field, (kind, help_text) in pruning_options().items():
         option = f"--{field.replace('_', '-')}"
+        help_text = help_text.replace("%", "%%")
         if kind is argparse.BooleanOptionalAction:
             group.add_argument(option, dest=field, action=kind, default=argparse.SUPPRESS, help=help_text)
         else:
@@ -87,7 +87,7 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pruning_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The pruning settings given on the command line."""
-    return {field: getattr(args, field) for field in PRUNING_OPTIONS if hasattr(args, field)}
+    return {field: getattr(args, field) for field in pruning_options() if hasattr(args, field)}
 
 
 def add_private_argument(parser: argparse.ArgumentParser) -> None:

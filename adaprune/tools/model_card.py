@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,9 +50,8 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
 def pruning_fields(config: dict[str, Any]) -> dict[str, Any]:
     """The pruning settings stored in a config dict (those of its model type), defaults for missing ones (not
     validated)."""
-    settings_class = settings_class_for(config.get("model_type"))
-    defaults = settings_class()
-    return {field.name: config.get(field.name, getattr(defaults, field.name)) for field in fields(settings_class)}
+    defaults = settings_class_for(config.get("model_type")).defaults()
+    return {name: config.get(name, default) for name, default in defaults.items()}
 
 
 def write_calibration_record(checkpoint: Path, record: dict[str, Any]) -> Path:
@@ -132,7 +130,7 @@ def render_model_card(
         base_model = base_model or previous.base_model
         license = license or previous.license
     config = read_config(checkpoint)
-    settings = asdict(settings_class_for(config.get("model_type"))(**pruning_fields(config)))
+    settings = settings_class_for(config.get("model_type"))(**pruning_fields(config)).as_dict()
     calibration, stale = _calibration_for(checkpoint, settings)
     card_data = ModelCardData(
         library_name="transformers",
@@ -152,7 +150,11 @@ def render_model_card(
         model_type=config["model_type"],
         code_files=code_files(checkpoint),
         example_prompt=EXAMPLE_PROMPT,
-        settings=list(settings.items()),
+        settings=[
+            (name, value, declaration.metadata["help"])
+            for name, value in settings.items()
+            for declaration, _ in [settings_class_for(config.get("model_type")).declared()[name]]
+        ],
         calibration=calibration["statistics"] if calibration else None,
         calibration_images=calibration["images"] if calibration else None,
         stale_calibration=stale,

@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ def read_source_config(source: str, role: str) -> dict[str, Any]:
 def checked_settings(config: dict[str, Any], overrides: Mapping[str, Any], source: str) -> PruningSettings:
     """The pruning settings of a config with the command-line overrides, validated (UsageError naming the option)."""
     settings_class = settings_class_for(config.get("model_type"))
-    foreign = sorted(set(overrides) - {field.name for field in fields(settings_class)})
+    foreign = sorted(set(overrides) - set(settings_class.field_names()))
     if foreign:
         options = ", ".join(f"--{name.replace('_', '-')}" for name in foreign)
         raise UsageError(
@@ -443,7 +443,7 @@ def calibrate_checkpoint(
     loaded.model.config.energy_ratio = calibration.energy_ratio
     record = {
         "statistics": calibration.statistics(),
-        "settings": asdict(loaded.model.config.pruning),
+        "settings": loaded.model.config.pruning.as_dict(),
         "images": images.description,
         "budgets": dict(zip(images.names, calibration.budgets)),
     }

@@ -1,0 +1,158 @@
+"""How settings and pruning methods are declared: once, as frozen dataclasses.
+
+A settings group is a frozen dataclass whose fields are declared with `setting(default, help, ...)`: the type
+annotation, the default, a help string and the check live on the field, and `Settings.__post_init__` validates
+every field with one message format (`name must be EXPECTED, got VALUE`). Config fields, command-line flags and
+the documentation's settings table are all read from these declarations (`Settings.declared`).
+
+A pruning method is a settings group plus the function that does its work: a `BudgetRule` says how many tokens
+each budget unit keeps, a `TokenSelector` which ones. `methods.py` registers them by name.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+    minimum: int | None = None,
+    check: Callable[[Any], bool] | None = None,
+    expected: str | None = None,
+) -> Any:
+    """Declares one setting: its default, a help string, and what it accepts.
+
+    choices: the allowed names (or a function returning them, for names a registry holds); minimum: for integers
+    (None is accepted too when the default is None); check/expected: any other rule, with its description.
+    """
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "minimum": minimum, "check": check, "expected": expected},
+    )
+
+
+def setting_choices(declaration: Field) -> list[str] | None:
+    """The names a setting accepts, or None when it is not a choice."""
+    choices = declaration.metadata.get("choices")
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
+def setting_type(declaration: Field, owner: type) -> type:
+    """The value type of a setting (bool, int, float or str), from its annotation; `X | None` gives X."""
+    annotation = typing.get_type_hints(owner)[declaration.name]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def _expectation(declaration: Field, owner: type) -> tuple[Callable[[Any], bool], str]:
+    """The rule a setting's value must follow and how the error message describes it."""
+    metadata = declaration.metadata
+    if metadata.get("check") is not None:
+        return metadata["check"], metadata["expected"]
+    choices = setting_choices(declaration)
+    if choices is not None:
+        return (lambda value: isinstance(value, str) and value in choices), f"one of {choices}"
+    kind = setting_type(declaration, owner)
+    optional = declaration.default is None
+    if kind is bool:
+        return (lambda value: isinstance(value, bool)), "True or False"
+    if kind is int:
+        minimum = metadata.get("minimum")
+        lower = -(2**63) if minimum is None else minimum
+        description = "an integer" + ("" if minimum is None else f" >= {minimum}")
+        if optional:
+            return (lambda value: value is None or (is_int(value) and value >= lower)), f"None or {description}"
+        return (lambda value: is_int(value) and value >= lower), description
+    if kind is float:
+        return is_number, "a number"
+    return (lambda value: isinstance(value, kind)), f"a {kind.__name__}"
+
+
+def check_setting(name: str, condition: bool, expected: str, value: Any) -> None:
+    """Raises the settings error: `name must be EXPECTED, got VALUE`."""
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Base of every settings group: each field is checked against its declaration after construction."""
+
+    def __post_init__(self) -> None:
+        for declaration in fields(self):
+            rule, expected = _expectation(declaration, type(self))
+            value = getattr(self, declaration.name)
+            check_setting(declaration.name, rule(value), expected, value)
+
+    @classmethod
+    def declared(cls) -> tuple[Field, ...]:
+        """The group's setting declarations, in order."""
+        return fields(cls)  # type: ignore[arg-type]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {declaration.name: declaration.default for declaration in cls.declared()}
+
+
+@dataclass(frozen=True)
+class PruningMethod(Settings):
+    """A registered method: its parameters are the dataclass fields; `name` is its registry key and the value
+    of the config field that chooses it; the class docstring cites its source."""
+
+    name: ClassVar[str]
+
+
+@dataclass(frozen=True)
+class BudgetRule(PruningMethod):
+    """How many tokens each budget unit keeps (`budget_mode`)."""
+
+    def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
+        """Per-unit budgets (n,) for (n, N, d) features, on their device."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TokenSelector(PruningMethod):
+    """Which tokens each budget unit keeps (`selector`). `required_signals` names what the model must compute
+    besides the features (e.g. the vision tower's [CLS] attention)."""
+
+    required_signals: ClassVar[frozenset[str]] = frozenset()
+
+    def keep_mask(self, signals: dict[str, torch.Tensor], budgets: torch.Tensor) -> torch.Tensor:
+        """(n, N) bool: which of each unit's N tokens to keep, `budgets[i]` of them. `signals["features"]` holds
+        the (n, N, d) spectrum features, the others are (n, N, ...)."""
+        raise NotImplementedError
+
+
+__all__ = [
+    "BudgetRule",
+    "PruningMethod",
+    "Settings",
+    "TokenSelector",
+    "check_setting",
+    "is_int",
+    "is_number",
+    "setting",
+    "setting_choices",
+    "setting_type",
+]
