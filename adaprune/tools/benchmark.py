@@ -43,6 +43,10 @@ import transformers
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, LogitsProcessor, LogitsProcessorList
 
+from adaprune.modeling_adaprune import AdaPruneLlavaForConditionalGeneration
+from adaprune.spectral_budget import budgets_from_curves, energy_curves
+
+from .calibration import UnitCurves, calibrate_energy_ratio
 from .cost_model import (
     CLIP_VIT_L_336,
     LLAVA_15_7B,
@@ -55,9 +59,6 @@ from .cost_model import (
     language_model_prefill_flops,
     llava_prefill_flops,
 )
-from .calibration import UnitCurves, calibrate_energy_ratio
-from adaprune.modeling_adaprune import AdaPruneLlavaForConditionalGeneration
-from adaprune.spectral_budget import budgets_from_curves, energy_curves
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
 from .workflow import DEFAULT_PROMPT, median_seconds, positive_int, prompt_for
 

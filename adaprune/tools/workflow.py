@@ -28,8 +28,14 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
 from adaprune.anyres_layout import config_packed_layout, patch_boxes
-from .calibration import Calibration, UnitCurves, calibrate_energy_ratio
 from adaprune.configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings, settings_class_for
+from adaprune.modeling_adaprune import (
+    AdaPruneImageFeaturesOutput,
+    AdaPruneLlavaForConditionalGeneration,
+    AdaPruneLlavaNextForConditionalGeneration,
+)
+
+from .calibration import Calibration, UnitCurves, calibrate_energy_ratio
 from .model_card import (
     base_model_id,
     base_model_license,
@@ -38,11 +44,6 @@ from .model_card import (
     read_config,
     write_calibration_record,
     write_model_card,
-)
-from adaprune.modeling_adaprune import (
-    AdaPruneImageFeaturesOutput,
-    AdaPruneLlavaForConditionalGeneration,
-    AdaPruneLlavaNextForConditionalGeneration,
 )
 from .plots import Box, draw_kept_patches, save_budget_histogram, save_energy_curves, save_overlays
 
