@@ -48,6 +48,11 @@ CODE_FILES = {
     "method_fixed.py",
     "method_cls_attention.py",
     "method_uniform.py",
+    "pruning_outputs.py",
+    "vision_probes.py",
+    "pruned_prefill.py",
+    "pruned_generation.py",
+    "anyres_pruning.py",
     "spectral_budget.py",
     "token_selection.py",
 }

@@ -1,0 +1,135 @@
+"""Pruning LLaVA-NeXT's packed any-resolution features: an image's visual tokens are split into budget units (the
+whole image, or each crop), units of equal length are pruned as one batch, and the kept positions are mapped back
+to the image's packed sequence, newlines following the newline policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .anyres_layout import PackedLayout, budget_units, with_row_newlines
+from .configuration_adaprune import AnyResPruningSettings
+from .image_pruning import UnitGroup, prune_groups
+from .pruning_outputs import AdaPruneImageFeaturesOutput
+from .token_selection import kept_indices_from_mask
+from .vision_probes import projector_input
+
+
+@dataclass(frozen=True)
+class UnitBatch:
+    """Budget units of equal length, stacked: the group to prune, and each unit's packed positions (u, N)."""
+
+    group: UnitGroup
+    positions: torch.LongTensor
+    unit_ids: list[int]
+
+
+def unit_batches(
+    output: BaseModelOutputWithPooling,
+    signals: dict[str, torch.Tensor],
+    settings: AnyResPruningSettings,
+    layer: int | list[int],
+    strategy: str,
+    layouts: list[PackedLayout],
+) -> list[UnitBatch]:
+    """The batch's budget units, grouped by length, with their spectrum features, signals and packed rows."""
+    packed = list(output.pooler_output)
+    device = packed[0].device
+    crops_per_image = [1 + layout.grid_shape[0] * layout.grid_shape[1] for layout in layouts]
+    patches = layouts[0].patches_per_side ** 2
+    # Per image, rows aligned with its packed positions (newline rows are placeholders no unit uses).
+    source_rows = [((layout.crop * patches + layout.patch).clamp_min(0)).to(device) for layout in layouts]
+    if settings.spectrum_source == "projected":
+        spectrum = packed
+    else:
+        vision = projector_input(output.hidden_states, layer, strategy).split(crops_per_image)
+        spectrum = [crops.flatten(0, 1)[rows] for crops, rows in zip(vision, source_rows)]
+    per_image_signals = {
+        name: [crops.flatten(0, 1)[rows] for crops, rows in zip(values.split(crops_per_image), source_rows)]
+        for name, values in signals.items()
+    }
+
+    by_length: dict[int, list[tuple[int, int, torch.LongTensor]]] = {}
+    for unit_id, (image, positions) in enumerate(budget_units(layouts, settings.budget_scope)):
+        by_length.setdefault(len(positions), []).append((unit_id, image, positions))
+    batches = []
+    for units in by_length.values():
+        images = [image for _, image, _ in units]
+        positions = torch.stack([unit_positions for _, _, unit_positions in units]).to(device)
+
+        def stacked(per_image: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([per_image[image][rows] for image, rows in zip(images, positions)])
+
+        group = UnitGroup(
+            spectrum_features=stacked(spectrum),
+            signals={name: stacked(values) for name, values in per_image_signals.items()},
+            checked_features=() if spectrum is packed else (stacked(packed),),
+            images=images,
+        )
+        batches.append(UnitBatch(group=group, positions=positions, unit_ids=[unit_id for unit_id, _, _ in units]))
+    return batches
+
+
+def packed_energy_curves(
+    output: BaseModelOutputWithPooling,
+    settings: AnyResPruningSettings,
+    layer: int | list[int],
+    strategy: str,
+    layouts: list[PackedLayout],
+) -> list[list[torch.Tensor]]:
+    """Per image, the energy curve of each of its budget units (base crop first with `budget_scope="crop"`)."""
+    curves: list[list[tuple[int, torch.Tensor]]] = [[] for _ in layouts]
+    for batch in unit_batches(output, {}, settings, layer, strategy, layouts):
+        unit_curves = settings.spectrum.curves(batch.group.spectrum_features)
+        for unit_id, image, curve in zip(batch.unit_ids, batch.group.images, unit_curves):
+            curves[image].append((unit_id, curve))
+    return [[curve for _, curve in sorted(units, key=lambda unit: unit[0])] for units in curves]
+
+
+def prune_packed_images(
+    output: BaseModelOutputWithPooling,
+    signals: dict[str, torch.Tensor],
+    settings: AnyResPruningSettings,
+    layer: int | list[int],
+    strategy: str,
+    layouts: list[PackedLayout],
+) -> AdaPruneImageFeaturesOutput:
+    """Stock packed features cut to each image's budget units (one host sync for all budgets, one more for the
+    kept newlines); kept newlines follow `newline_policy`."""
+    packed = list(output.pooler_output)
+    batches = unit_batches(output, signals, settings, layer, strategy, layouts)
+    prunings = prune_groups([batch.group for batch in batches], settings)
+
+    device = packed[0].device
+    n_images, longest = len(packed), max(len(layout) for layout in layouts)
+    keep = torch.zeros(n_images * longest, dtype=torch.long, device=device)
+    token_budgets = torch.zeros(n_images, dtype=torch.long, device=device)
+    for batch, pruning in zip(batches, prunings):
+        unit_length = batch.positions.shape[1]
+        kept_local = pruning.padded_kept_indices
+        kept_positions = batch.positions.gather(1, kept_local.clamp_max(unit_length - 1))
+        images = torch.tensor(batch.group.images, device=device)
+        flat = images.unsqueeze(1) * longest + kept_positions
+        keep.scatter_reduce_(0, flat.flatten(), (kept_local < unit_length).long().flatten(), reduce="amax")
+        token_budgets.index_add_(0, images, pruning.token_budgets)
+    keep = keep.view(n_images, longest).bool()
+    if settings.newline_policy == "keep_rows":
+        keep = with_row_newlines(
+            keep,
+            pad_sequence([layout.row for layout in layouts], batch_first=True, padding_value=-1).to(device),
+            pad_sequence([layout.is_newline for layout in layouts], batch_first=True).to(device),
+        )
+    _, kept_indices = kept_indices_from_mask(keep, keep.sum(-1).tolist())
+    return AdaPruneImageFeaturesOutput(
+        last_hidden_state=output.last_hidden_state,
+        pooler_output=[features[kept] for features, kept in zip(packed, kept_indices)],
+        hidden_states=output.hidden_states,
+        attentions=output.attentions,
+        token_budgets=token_budgets,
+        kept_indices=kept_indices,
+        tokens_per_image=[len(layout) for layout in layouts],
+        visual_tokens_per_image=[len(layout.token_positions) for layout in layouts],
+    )

@@ -1,0 +1,286 @@
+"""The prefill on the shortened sequence, shared by every pruning `*Model`: image features cut to their budgets,
+dropped placeholders removed from the batch, and the cache's pruning state for the steps that follow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .compat import (
+    CACHE_FIELD,
+    cache_argument,
+    image_output_fields,
+    output_cache,
+    pop_cache,
+)
+from .configuration_adaprune import PruningSettings
+from .pruning_outputs import AdaPruneImageFeaturesOutput, is_pruned
+from .sequence_compaction import (
+    PrunedPrefill,
+    compacted_position_ids,
+    left_compaction,
+    placeholder_keep_flags,
+    pruned_prefill,
+)
+from .vision_probes import capturing_cls_attention, cls_attention_module
+
+
+class PrunedPrefillMixin:
+    """What every pruning `*Model` shares: image features cut to per-image budgets, and a prefill `forward` on the
+    shortened sequence. Placed before the stock model class in the bases; a variant implements `_prune` (from
+    the stock features to the kept ones) and `image_energy_curves`."""
+
+    config: Any
+    model_output_class: type[ModelOutput]
+
+    def __init__(self, config: Any) -> None:
+        config.pruning  # noqa: B018 - settings passed to from_pretrained bypass the config's own check
+        super().__init__(config)
+
+    def _feature_choice(
+        self, vision_feature_layer: int | list[int] | None, vision_feature_select_strategy: str | None
+    ) -> tuple[int | list[int], str]:
+        """The feature layer(s) and select strategy in effect: the arguments, else the config's."""
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = (
+            self.config.vision_feature_select_strategy
+            if vision_feature_select_strategy is None
+            else vision_feature_select_strategy
+        )
+        return layer, strategy
+
+    def _stock_image_features(self, **stock_kwargs: Any) -> BaseModelOutputWithPooling:
+        return super().get_image_features(**stock_kwargs, return_dict=True)  # type: ignore[misc]
+
+    def _pruned_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None,
+        vision_feature_layer: int | list[int] | None,
+        vision_feature_select_strategy: str | None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """Stock image features, then `_prune`; the stock output unchanged when pruning is disabled."""
+        settings = self.config.pruning
+        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
+        stock_kwargs = dict(
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+            **kwargs,
+        )
+        if not settings.enabled:
+            return self._stock_image_features(**stock_kwargs)
+        signals: dict[str, torch.Tensor] = {}
+        if "cls_attention" in settings.token_selector.required_signals:
+            with capturing_cls_attention(cls_attention_module(self.vision_tower, layer)) as signals:
+                output = self._stock_image_features(**stock_kwargs)
+            if strategy == "default":
+                signals["cls_attention"] = signals["cls_attention"][:, 1:]
+        else:
+            output = self._stock_image_features(**stock_kwargs)
+        return self._prune(output, signals, settings, layer, strategy, image_sizes)
+
+    def _prune(
+        self,
+        output: BaseModelOutputWithPooling,
+        signals: dict[str, torch.Tensor],
+        settings: PruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        image_sizes: torch.Tensor | None,
+    ) -> AdaPruneImageFeaturesOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def image_energy_curves(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Per image, the energy curve E(k) of each of its budget units (LLaVA: one per image; LLaVA-NeXT: one per
+        image, or per crop with `budget_scope="crop"`, base crop first), as the budgets use them. Calibration
+        computes these once and then tries many energy ratios on them."""
+        layer, strategy = self._feature_choice(vision_feature_layer, vision_feature_select_strategy)
+        output = self._stock_image_features(
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+        )
+        return self._energy_curves(output, self.config.pruning, layer, strategy, image_sizes)
+
+    def _energy_curves(
+        self,
+        output: BaseModelOutputWithPooling,
+        settings: PruningSettings,
+        layer: int | list[int],
+        strategy: str,
+        image_sizes: torch.Tensor | None,
+    ) -> list[list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def image_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.BoolTensor:
+        """(B, L) mask of the image placeholder tokens, from the ids or, when there are none (`generate()` passes
+        an empty (B, 0) tensor with `inputs_embeds`), from the embeddings."""
+        if input_ids is not None and (input_ids.shape[-1] > 0 or inputs_embeds is None):
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs: Any,
+    ) -> tuple | ModelOutput:
+        """Stock forward (it carries the stock signature, see `with_signature_of`); with pruned images the language
+        model runs on the compacted batch (see the output's `source_index`, `pruned_attention_mask` and
+        `pruned_position_ids`). Attention masks and position ids always address the caller's full sequence, also
+        in later steps on a cache filled by a pruned prefill."""
+        cache = pop_cache(kwargs)
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if mm_encoder_outputs.get("image") is None and pixel_values is not None and len(pixel_values) > 0:
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values=pixel_values,
+                image_sizes=image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                return_dict=True,
+            )
+        image_output = mm_encoder_outputs.get("image")
+        prefill = pruned_prefill_of(cache)
+        if not is_pruned(image_output):
+            if prefill is not None:
+                new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                attention_mask, position_ids = prefill.step_inputs(
+                    attention_mask, position_ids, new_tokens, cache.get_seq_length()
+                )
+            return super().forward(  # type: ignore[misc]
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                mm_encoder_outputs=mm_encoder_outputs or None,
+                **cache_argument(cache),
+                **kwargs,
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        _check_prefill_cache(cache)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        elif attention_mask.ndim != 2:
+            raise ValueError(
+                f"pruning needs a 2-D (batch, sequence) attention_mask, got shape {tuple(attention_mask.shape)}; "
+                "pass the processor's attention_mask"
+            )
+
+        placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
+        _check_placeholder_count(placeholders, image_output.tokens_per_image)
+        _check_placeholders_attended(placeholders, attention_mask)
+        kept_placeholders = torch.zeros_like(placeholders)
+        kept_placeholders[placeholders] = placeholder_keep_flags(
+            image_output.kept_indices, image_output.tokens_per_image
+        )
+        image_features = torch.cat(list(image_output.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(kept_placeholders.unsqueeze(-1), image_features)
+
+        keep = attention_mask.bool() & (~placeholders | kept_placeholders)
+        plan = left_compaction(keep)
+        policy = self.config.pruning.position_policy
+        positions = compacted_position_ids(plan, keep, attention_mask, position_ids, policy)
+        outputs = self.language_model(
+            inputs_embeds=plan.gather(inputs_embeds),
+            attention_mask=plan.attention_mask,
+            position_ids=positions,
+            **cache_argument(cache),
+            **kwargs,
+        )
+        new_cache = output_cache(outputs)
+        if new_cache is not None:
+            setattr(new_cache, PRUNED_PREFILL_ATTRIBUTE, pruned_prefill(plan, keep, attention_mask, policy))
+        return self.model_output_class(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: new_cache},
+            **image_output_fields(image_output),
+            pruned_attention_mask=plan.attention_mask,
+            pruned_position_ids=positions,
+            source_index=plan.source_index,
+            token_budgets=image_output.token_budgets,
+        )
+
+
+PRUNED_PREFILL_ATTRIBUTE = "adaprune_pruned_prefill"
+"""The attribute under which a KV cache filled by a pruned prefill carries its `PrunedPrefill` layout (it travels
+with the cache object: through `generate()`, copies and later calls)."""
+
+
+def pruned_prefill_of(cache: Any) -> PrunedPrefill | None:
+    """The layout of the pruned prefill that filled `cache`, or None for an empty, unpruned (or no) cache."""
+    if cache is None or cache.get_seq_length() == 0:
+        return None
+    return getattr(cache, PRUNED_PREFILL_ATTRIBUTE, None)
+
+
+def _check_prefill_cache(cache: Any) -> None:
+    if cache is None:
+        return
+    if getattr(cache, "is_compileable", False):
+        raise ValueError(
+            f"visual-token pruning cannot run with a {type(cache).__name__}: pruning changes the prefill length per "
+            "batch, and static caches need fixed shapes; use the default dynamic cache (drop "
+            "cache_implementation='static')"
+        )
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            f"visual-token pruning happens at prefill, but the cache already holds {cache.get_seq_length()} tokens; "
+            "images need a prompt that starts from an empty cache (no chunked prefill, no new images in a cached "
+            "conversation; continuing one with text works)"
+        )
+
+
+def _check_placeholders_attended(placeholders: torch.BoolTensor, attention_mask: torch.Tensor) -> None:
+    """Pruning picks each image's tokens without the attention mask, so a masked placeholder could silently take
+    a kept slot (below min_tokens, or an empty row); refuse masks that hide image tokens."""
+    hidden = placeholders & ~attention_mask.bool()
+    if bool(hidden.any()):
+        rows = sorted(set(hidden.nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"attention_mask hides {int(hidden.sum())} image placeholder tokens (rows {rows}); pruning chooses among "
+            "all of an image's tokens, so unmask them (the processor's mask does) or disable pruning"
+        )
+
+
+def _check_placeholder_count(placeholders: torch.BoolTensor, tokens_per_image: list[int]) -> None:
+    n_placeholders = int(placeholders.sum())
+    if n_placeholders != sum(tokens_per_image):
+        raise ValueError(
+            f"the prompt has {n_placeholders} image placeholder tokens, but its {len(tokens_per_image)} images need "
+            f"{sum(tokens_per_image)} ({tokens_per_image} per image); build the inputs with the model's processor so "
+            "every image has its placeholders"
+        )
