@@ -149,7 +149,9 @@ class PruningSettings:
     @property
     def spectrum(self) -> SpectrumSettings:
         """How the energy curves are computed (E-AdaPrune's rule; also what calibration searches over)."""
-        return SpectrumSettings(**{declaration.name: self._values[declaration.name] for declaration in SpectrumSettings.declared()})
+        return SpectrumSettings(
+            **{declaration.name: self._values[declaration.name] for declaration in SpectrumSettings.declared()}
+        )
 
 
 class AnyResPruningSettings(PruningSettings):

@@ -58,13 +58,14 @@ class EnergyBudget(SpectrumSettings, BudgetRule):
 
     energy_ratio: float = setting(
         0.9,
-        "tau in (0, 1]: the kept rank must hold this fraction of the spectral energy (sum of squared singular "
-        "values)",
+        "tau in (0, 1]: the kept rank must hold this fraction of the spectral energy (sum of squared singular values)",
         check=lambda value: is_number(value) and 0 < value <= 1,
         expected="a number in (0, 1]",
     )
     min_tokens: int = setting(16, "smallest budget of an image (LLaVA-NeXT: of a budget unit)", minimum=1)
-    max_tokens: int | None = setting(None, "largest budget of an image (LLaVA-NeXT: of a budget unit); None: its token count", minimum=1)
+    max_tokens: int | None = setting(
+        None, "largest budget of an image (LLaVA-NeXT: of a budget unit); None: its token count", minimum=1
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

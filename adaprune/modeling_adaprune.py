@@ -3,7 +3,7 @@
 `get_image_features` computes each image's budget and kept tokens and returns only the kept projected features.
 The prefill `forward` then removes the dropped image placeholders from the sequence (embeddings, attention mask,
 position ids, labels), re-pads rows on the left and runs the language model on the shorter batch. The cache it
-fills carries that layout (`PrunedPrefill`), so later steps, in `generate()` or a caller's own loop, keep passing
+fills carries that layout (`sequence_compaction.PruningState`), so later steps, in `generate()` or a caller's own loop, keep passing
 the mask and positions of the caller's full sequence and are mapped onto the shorter cache; the returned sequences
 keep the caller's full prompt. Differences between transformers releases live in `compat`.
 """

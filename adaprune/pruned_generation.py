@@ -16,11 +16,11 @@ from .compat import (
     pop_cache,
     slice_logits_to_keep,
 )
-from .pruned_prefill import PrunedPrefillMixin, pruned_prefill_of
+from .pruned_prefill import PrunedPrefillMixin, pruning_state_of
 from .pruning_outputs import is_pruned
 from .sequence_compaction import (
     CompactionPlan,
-    PrunedPrefill,
+    PruningState,
     images_per_row,
 )
 
@@ -90,12 +90,12 @@ class PrunedGenerationMixin:
                         f"prefill sequence; leave {option} unset, or disable pruning (config.enabled=False)"
                     )
         cache = pop_cache(kwargs)
-        prefill = pruned_prefill_of(cache)
-        if prefill is None:
+        state = pruning_state_of(cache)
+        if state is None:
             return super().generate(*args, **cache_argument(cache), **kwargs)  # type: ignore[misc]
-        return self._generate_from_pruned_cache(cache, prefill, *args, **kwargs)
+        return self._generate_from_pruned_cache(cache, state, *args, **kwargs)
 
-    def _generate_from_pruned_cache(self, cache: Any, prefill: PrunedPrefill, *args: Any, **kwargs: Any) -> Any:
+    def _generate_from_pruned_cache(self, cache: Any, state: PruningState, *args: Any, **kwargs: Any) -> Any:
         """Continues a conversation from a cache that a pruned prefill filled, as with the stock model: the caller
         passes its full sequence (previous prompt, the tokens generated since, new tokens) and its mask. The cache
         is shorter than that sequence, so stock `generate()` would re-feed cached tokens; only the positions the
@@ -107,7 +107,7 @@ class PrunedGenerationMixin:
                     f"{option} cannot continue a cache filled by a pruned prefill: continue with input_ids only "
                     "(new images need a new prompt from an empty cache)"
                 )
-        covered = prefill.covered_length(cache.get_seq_length())
+        covered = state.covered_length(cache.get_seq_length())
         if input_ids is None or input_ids.shape[1] <= covered:
             length = None if input_ids is None else input_ids.shape[1]
             raise ValueError(

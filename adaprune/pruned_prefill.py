@@ -19,11 +19,11 @@ from .compat import (
 from .configuration_adaprune import PruningSettings
 from .pruning_outputs import AdaPruneImageFeaturesOutput, is_pruned
 from .sequence_compaction import (
-    PrunedPrefill,
+    PruningState,
     compacted_position_ids,
     left_compaction,
     placeholder_keep_flags,
-    pruned_prefill,
+    prefill_state,
 )
 from .vision_probes import capturing_cls_attention, cls_attention_module
 
@@ -169,11 +169,11 @@ class PrunedPrefillMixin:
                 return_dict=True,
             )
         image_output = mm_encoder_outputs.get("image")
-        prefill = pruned_prefill_of(cache)
+        state = pruning_state_of(cache)
         if not is_pruned(image_output):
-            if prefill is not None:
+            if state is not None:
                 new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-                attention_mask, position_ids = prefill.step_inputs(
+                attention_mask, position_ids = state.step_inputs(
                     attention_mask, position_ids, new_tokens, cache.get_seq_length()
                 )
             return super().forward(  # type: ignore[misc]
@@ -221,7 +221,7 @@ class PrunedPrefillMixin:
         )
         new_cache = output_cache(outputs)
         if new_cache is not None:
-            setattr(new_cache, PRUNED_PREFILL_ATTRIBUTE, pruned_prefill(plan, keep, attention_mask, policy))
+            setattr(new_cache, PRUNING_STATE_ATTRIBUTE, prefill_state(plan, keep, attention_mask, policy))
         return self.model_output_class(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
@@ -235,16 +235,16 @@ class PrunedPrefillMixin:
         )
 
 
-PRUNED_PREFILL_ATTRIBUTE = "adaprune_pruned_prefill"
-"""The attribute under which a KV cache filled by a pruned prefill carries its `PrunedPrefill` layout (it travels
+PRUNING_STATE_ATTRIBUTE = "adaprune_pruning_state"
+"""The attribute under which a KV cache filled by a pruned prefill carries its `PruningState` (it travels
 with the cache object: through `generate()`, copies and later calls)."""
 
 
-def pruned_prefill_of(cache: Any) -> PrunedPrefill | None:
-    """The layout of the pruned prefill that filled `cache`, or None for an empty, unpruned (or no) cache."""
+def pruning_state_of(cache: Any) -> PruningState | None:
+    """The pruning state of the prefill that filled `cache`, or None for an empty, unpruned (or no) cache."""
     if cache is None or cache.get_seq_length() == 0:
         return None
-    return getattr(cache, PRUNED_PREFILL_ATTRIBUTE, None)
+    return getattr(cache, PRUNING_STATE_ATTRIBUTE, None)
 
 
 def _check_prefill_cache(cache: Any) -> None:

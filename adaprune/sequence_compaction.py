@@ -11,7 +11,7 @@ apply a compaction of an already compacted batch the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 
 import torch
@@ -33,6 +33,13 @@ class CompactionPlan:
     @property
     def is_padding(self) -> torch.BoolTensor:
         return self.source_index < 0
+
+    def then(self, next_plan: CompactionPlan) -> CompactionPlan:
+        """This plan followed by `next_plan` (a compaction of the batch this one produces), as one plan."""
+        index = self.source_index.gather(1, next_plan.source_index.clamp_min(0))
+        return CompactionPlan(
+            source_index=index.masked_fill(next_plan.is_padding, -1), attention_mask=next_plan.attention_mask
+        )
 
     def gather(self, values: torch.Tensor, pad_value: float | int = 0) -> torch.Tensor:
         """Compacts a (B, L, ...) tensor along dim 1, writing `pad_value` at padding."""
@@ -120,34 +127,62 @@ def compacted_position_ids(
 
 
 @dataclass(frozen=True)
-class PrunedPrefill:
-    """How a KV cache filled by a compacted prefill lines up with the caller's sequence.
+class Compaction:
+    """One compaction of a prefill: from decoder layer `first_layer` on, the layers see `plan` applied to the
+    sequence the previous compaction left (the first one applies to the caller's sequence)."""
+
+    first_layer: int
+    plan: CompactionPlan
+
+
+@dataclass(frozen=True)
+class PruningState:
+    """How a KV cache filled by a pruned prefill lines up with the caller's sequence.
 
     Callers keep addressing their full sequence: after the prefill, attention masks and position ids cover every
-    position of it, dropped tokens included, as for the stock model. The cache holds the compacted prefill (`plan`
-    over the first `caller_length` positions) and then one entry per later token, so a later step's inputs are
-    mapped onto it by `step_inputs`.
+    position of it, dropped tokens included, as for the stock model. The cache of layer l holds the prefill as
+    compacted by every compaction up to l (`plan_at(l)`), then one entry per later token, so a later step's inputs
+    are mapped onto it by `step_inputs`. Compactions come in layer order; the first (layer 0) is the one before the
+    language model, deeper ones prune inside it.
 
     position_shift: (B,) how far each row's positions after the prefill move back ("compact" policy: the number
-        of real tokens dropped; "original": 0).
+        of real tokens dropped before the language model; "original": 0).
     """
 
-    plan: CompactionPlan
     caller_length: int
     position_shift: torch.LongTensor
+    compactions: tuple[Compaction, ...]
 
-    @property
-    def compact_length(self) -> int:
-        return self.plan.source_index.shape[1]
-
-    def covered_length(self, cache_length: int) -> int:
-        """How many positions of the caller's sequence a cache of `cache_length` entries holds."""
-        if cache_length < self.compact_length:
+    def then(self, compaction: Compaction) -> PruningState:
+        """This state with a deeper compaction added."""
+        if self.compactions and compaction.first_layer <= self.compactions[-1].first_layer:
             raise ValueError(
-                f"the cache holds {cache_length} tokens, fewer than its pruned prefill of {self.compact_length}; a "
+                f"compactions go deeper: layer {compaction.first_layer} follows layer "
+                f"{self.compactions[-1].first_layer}"
+            )
+        return replace(self, compactions=(*self.compactions, compaction))
+
+    def plan_at(self, layer: int) -> CompactionPlan:
+        """The caller's sequence as layer `layer` sees it: every compaction up to that layer, composed."""
+        plans = [compaction.plan for compaction in self.compactions if compaction.first_layer <= layer]
+        if not plans:
+            raise ValueError(
+                f"no compaction applies at layer {layer}; the first is at {self.compactions[0].first_layer}"
+            )
+        composed = plans[0]
+        for plan in plans[1:]:
+            composed = composed.then(plan)
+        return composed
+
+    def covered_length(self, cache_length: int, layer: int = 0) -> int:
+        """How many positions of the caller's sequence the cache of `layer`, `cache_length` entries long, holds."""
+        compact_length = self.plan_at(layer).source_index.shape[1]
+        if cache_length < compact_length:
+            raise ValueError(
+                f"the cache holds {cache_length} tokens, fewer than its pruned prefill of {compact_length}; a "
                 "cache cut into its pruned prefill cannot be continued, run the prompt again"
             )
-        return self.caller_length + cache_length - self.compact_length
+        return self.caller_length + cache_length - compact_length
 
     def step_inputs(
         self,
@@ -155,13 +190,15 @@ class PrunedPrefill:
         position_ids: torch.LongTensor | None,
         new_tokens: int,
         cache_length: int,
+        layer: int = 0,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """The attention mask (over the cache plus the new tokens) and the position ids of `new_tokens` tokens that
-        follow the cached ones, from the caller's mask over its full sequence (None: all ones) and position ids
-        (None: continuing after the covered positions, as the stock model counts them)."""
-        batch = self.plan.source_index.shape[0]
-        covered = self.covered_length(cache_length)
-        device = self.plan.source_index.device
+        """The attention mask (over the cache of `layer` plus the new tokens) and the position ids of `new_tokens`
+        tokens that follow the cached ones, from the caller's mask over its full sequence (None: all ones) and
+        position ids (None: continuing after the covered positions, as the stock model counts them)."""
+        plan = self.plan_at(layer)
+        batch = plan.source_index.shape[0]
+        covered = self.covered_length(cache_length, layer)
+        device = plan.source_index.device
         if attention_mask is None:
             attention_mask = torch.ones(batch, covered + new_tokens, dtype=torch.long, device=device)
         if tuple(attention_mask.shape) != (batch, covered + new_tokens):
@@ -171,17 +208,16 @@ class PrunedPrefill:
                 f"{new_tokens} new), got {tuple(attention_mask.shape)}; pass the mask of the whole sequence"
             )
         attention_mask = attention_mask.long()
-        cached_prefill = self.plan.gather(attention_mask[:, : self.caller_length])
+        cached_prefill = plan.gather(attention_mask[:, : self.caller_length])
         compact_mask = torch.cat([cached_prefill, attention_mask[:, self.caller_length :]], dim=1)
         if position_ids is None:
             position_ids = torch.arange(covered, covered + new_tokens, device=device).expand(batch, -1)
         return compact_mask, position_ids - self.position_shift.to(position_ids.device).unsqueeze(-1)
 
 
-def pruned_prefill(
-    plan: CompactionPlan, keep: torch.Tensor, attention_mask: torch.Tensor, policy: str
-) -> PrunedPrefill:
-    """The cache layout of a prefill compacted by `plan` (kept positions `keep` of the caller's (B, L) batch)."""
+def prefill_state(plan: CompactionPlan, keep: torch.Tensor, attention_mask: torch.Tensor, policy: str) -> PruningState:
+    """The state of a prefill compacted by `plan` before the language model (kept positions `keep` of the
+    caller's (B, L) batch)."""
     dropped = (attention_mask.bool() & ~keep).sum(-1)
     shift = dropped if policy == "compact" else torch.zeros_like(dropped)
-    return PrunedPrefill(plan=plan, caller_length=keep.shape[1], position_shift=shift)
+    return PruningState(caller_length=keep.shape[1], position_shift=shift, compactions=(Compaction(0, plan),))

@@ -91,7 +91,9 @@ def energy_curves(
         eigenvalues = _without_round_off(_gram_eigenvalues(matrix), n_tokens)
         total = eigenvalues.sum(-1, keepdim=True)
     elif solver == "randomized":
-        eigenvalues = _randomized_eigenvalues(matrix, randomized_rank, randomized_oversampling, randomized_power_iterations)
+        eigenvalues = _randomized_eigenvalues(
+            matrix, randomized_rank, randomized_oversampling, randomized_power_iterations
+        )
         eigenvalues = _without_round_off(eigenvalues, n_tokens)
         total = matrix.square().sum((-2, -1)).unsqueeze(-1)
     else:

@@ -8,12 +8,14 @@ import torch
 
 from adaprune.sequence_compaction import (
     POSITION_POLICIES,
+    Compaction,
     CompactionPlan,
     compacted_position_ids,
     default_position_ids,
     images_per_row,
     left_compaction,
     placeholder_keep_flags,
+    prefill_state,
 )
 
 SEEDS = range(12)
@@ -221,3 +223,32 @@ def test_plans_compose_with_a_second_compaction() -> None:
     composed = CompactionPlan(source_index=through_both, attention_mask=second.attention_mask)
     values = torch.randn(*attention_mask.shape, 2)
     assert torch.equal(second.gather(first.gather(values)), composed.gather(values))
+    assert torch.equal(first.then(second).source_index, through_both)
+    assert torch.equal(first.then(second).gather(values), second.gather(first.gather(values)))
+
+
+@pytest.mark.parametrize("policy", POSITION_POLICIES)
+def test_pruning_state_maps_later_steps_at_every_layer(policy: str) -> None:
+    """A state with a compaction before the language model and one at layer 3: a later step's caller-layout mask
+    becomes, per layer, the gathered prefix plus the new columns; positions move back by the dropped count
+    ("compact") or stay ("original")."""
+    attention_mask, keep = random_batch(7)
+    first = left_compaction(keep)
+    second = left_compaction(first.attention_mask.bool() & (torch.arange(first.source_index.shape[1]) % 3 != 1))
+    state = prefill_state(first, keep, attention_mask, policy).then(Compaction(3, second))
+    batch, length = attention_mask.shape
+    caller_mask = torch.cat([attention_mask, torch.ones(batch, 4, dtype=torch.long)], dim=1)  # 2 cached, 2 new
+    positions = default_position_ids(caller_mask)[:, -2:]
+    dropped = (attention_mask.bool() & ~keep).sum(-1, keepdim=True)
+    for layer, plan in ((0, first), (2, first), (3, first.then(second)), (9, first.then(second))):
+        cache_length = plan.source_index.shape[1] + 2
+        assert state.covered_length(cache_length, layer) == length + 2
+        mask, moved = state.step_inputs(caller_mask, positions, 2, cache_length, layer)
+        assert torch.equal(mask, torch.cat([plan.gather(attention_mask), torch.ones(batch, 4, dtype=torch.long)], 1))
+        assert torch.equal(moved, positions - (dropped if policy == "compact" else 0))
+    with pytest.raises(ValueError, match=rf"expected shape \({batch}, {length + 4}\)"):
+        state.step_inputs(caller_mask[:, 1:], positions, 2, first.source_index.shape[1] + 2)
+    with pytest.raises(ValueError, match="fewer than its pruned prefill"):
+        state.covered_length(first.source_index.shape[1] - 1)
+    with pytest.raises(ValueError, match="compactions go deeper"):
+        state.then(Compaction(2, second))

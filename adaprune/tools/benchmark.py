@@ -380,7 +380,11 @@ def _end_to_end(
         result = calibrate_energy_ratio(curves, target, setting.min_tokens)
         ratios[target] = result.energy_ratio
         budgets = list(result.budgets)
-        calibration[str(target)] = {"energy_ratio": result.energy_ratio, "budgets": budgets, "mean_budget": result.mean_tokens}
+        calibration[str(target)] = {
+            "energy_ratio": result.energy_ratio,
+            "budgets": budgets,
+            "mean_budget": result.mean_tokens,
+        }
         log(f"calibrated mean {target}: tau {result.energy_ratio}, budgets {budgets}")
 
     variants = [Variant("stock", None, {})]
@@ -1102,7 +1106,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m adaprune.tools.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m adaprune.tools.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     args = parser.parse_args(argv)

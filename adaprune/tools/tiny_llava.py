@@ -67,6 +67,7 @@ LLAVA15_GEOMETRY = Geometry(
 # LLaVA-1.5 vision geometry with a language model large enough that its prefill is a large share of the cost.
 DEMO_GEOMETRY = replace(LLAVA15_GEOMETRY, text_hidden=512, text_layers=8, text_heads=8, text_intermediate=1376)
 
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with LLaVA's special tokens; pads on the left, adds <s>."""
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -163,7 +164,9 @@ def smooth_position_embeddings(grid: int, width: int, amplitude: float = 0.02) -
     return torch.cat([torch.zeros(1, width), patches])
 
 
-def prepare_stock_weights(model_class: type[ModelT], config: PretrainedConfig, seed: int, logit_scale: float = 20.0) -> ModelT:
+def prepare_stock_weights(
+    model_class: type[ModelT], config: PretrainedConfig, seed: int, logit_scale: float = 20.0
+) -> ModelT:
     """A stock model with seeded random weights, smooth vision position embeddings and a sharpened LM head
     (`logit_scale`, so greedy choices are not ties), generating with padding and without an EOS stop."""
     torch.manual_seed(seed)
@@ -199,8 +202,11 @@ def sample_images(size: int = 336, seed: int = 0) -> dict[str, Image.Image]:
     rng = np.random.default_rng(seed)
     plain = Image.new("RGB", (size, size), (90, 140, 200))
     ramp = np.linspace(0, 255, size, dtype=np.float32)
-    gradient = Image.fromarray(np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), 
-                                         np.full((size, size), 128.0)], -1).astype(np.uint8))
+    gradient = Image.fromarray(
+        np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.full((size, size), 128.0)], -1).astype(
+            np.uint8
+        )
+    )
     shapes = Image.new("RGB", (size, size), (240, 240, 230))
     draw = ImageDraw.Draw(shapes)
     for _ in range(6):
