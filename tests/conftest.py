@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
 
 from adaprune.tools.tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, sample_images, save_tiny_llava
 from adaprune.tools.tiny_llava_next import aspect_ratio_images, save_tiny_llava_next

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adaprune.spectral_budget import budgets_from_curves, energy_curves
 from adaprune.tools.calibration import (
     CalibrationError,
     UnitCurves,
@@ -12,7 +13,6 @@ from adaprune.tools.calibration import (
     calibrate_energy_ratio,
     ratio_inside,
 )
-from adaprune.spectral_budget import budgets_from_curves, energy_curves
 
 
 def random_curves(seed: int, n_images: int, n_tokens: int = 64, units: int = 1) -> list[list[torch.Tensor]]:

@@ -21,7 +21,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from support.oracle import load_pruned
-from support.remote_code import relative_imports, run_isolated, state_checksum
+from support.remote_code import (
+    REMOTE_CODE_FILES,
+    outside_imports,
+    relative_imports,
+    run_isolated,
+    state_checksum,
+)
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -420,3 +426,14 @@ def test_a_checkpoint_converted_by_version_0_1_prunes_as_it_did(family: str) -> 
     assert features.token_budgets.tolist() == expected["token_budgets"]
     assert [kept.tolist() for kept in features.kept_indices] == expected["kept_indices"]
     assert tokens[:, inputs["input_ids"].shape[1] :].tolist() == expected["new_tokens"]
+
+
+def test_the_remote_code_set_is_closed(saved_dir: Path) -> None:
+    """A saved checkpoint carries exactly the remote-code modules, each importing only its siblings, the standard
+    library, torch and transformers (with its own dependencies); the tooling is never copied. (The load in a
+    process that cannot import adaprune is `test_remote_code_round_trip`.)"""
+    copied = {path.name for path in saved_dir.glob("*.py")}
+    assert copied == REMOTE_CODE_FILES
+    assert {path.name for path in PACKAGE_DIR.glob("*.py")} - {"__init__.py", "__main__.py"} == REMOTE_CODE_FILES
+    for name in sorted(copied):
+        assert outside_imports((saved_dir / name).read_text()) == set(), name

@@ -21,7 +21,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from support.cli import assert_nontrivial_png, run_cli
-from support.remote_code import run_isolated
+from support.remote_code import REMOTE_CODE_FILES, run_isolated
 from transformers import LlavaProcessor
 
 from adaprune import AdaPruneLlavaForConditionalGeneration
@@ -35,27 +35,7 @@ TARGET = 12.0
 MIN_TOKENS = 2
 SELECTOR = "uniform"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-CODE_FILES = {
-    "anyres_layout.py",
-    "configuration_adaprune.py",
-    "image_pruning.py",
-    "modeling_adaprune.py",
-    "sequence_compaction.py",
-    "compat.py",
-    "settings.py",
-    "methods.py",
-    "method_energy.py",
-    "method_fixed.py",
-    "method_cls_attention.py",
-    "method_uniform.py",
-    "pruning_outputs.py",
-    "vision_probes.py",
-    "pruned_prefill.py",
-    "pruned_generation.py",
-    "anyres_pruning.py",
-    "spectral_budget.py",
-    "token_selection.py",
-}
+CODE_FILES = {*REMOTE_CODE_FILES}
 CHECKPOINT_FILES = CODE_FILES | {
     "README.md",
     "config.json",

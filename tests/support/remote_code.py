@@ -3,6 +3,7 @@ which sibling modules a file imports (what transformers copies next to a checkpo
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import json
@@ -35,6 +36,7 @@ class _BlockAdaprune:
 
 sys.meta_path.insert(0, _BlockAdaprune())
 
+import ast
 import hashlib
 import json
 
@@ -102,3 +104,52 @@ def relative_imports(source: str) -> list[str]:
         assert dots == "." and name and "." not in name, f"unsupported relative import 'from {dots}{name} import'"
         modules.append(name)
     return modules
+
+
+REMOTE_CODE_FILES = frozenset(
+    {
+        "anyres_layout.py",
+        "anyres_pruning.py",
+        "compat.py",
+        "configuration_adaprune.py",
+        "image_pruning.py",
+        "method_cls_attention.py",
+        "method_energy.py",
+        "method_fixed.py",
+        "method_uniform.py",
+        "methods.py",
+        "modeling_adaprune.py",
+        "pruned_generation.py",
+        "pruned_prefill.py",
+        "pruning_outputs.py",
+        "sequence_compaction.py",
+        "settings.py",
+        "spectral_budget.py",
+        "token_selection.py",
+        "vision_probes.py",
+    }
+)
+"""The code a converted checkpoint carries: exactly these sibling modules of the package."""
+
+# What the remote code may import besides its siblings: torch, transformers, and two of transformers' own
+# dependencies (its config dataclasses come from huggingface_hub, version parsing from packaging).
+REMOTE_CODE_DEPENDENCIES = frozenset({"torch", "transformers", "huggingface_hub", "packaging"})
+
+
+def outside_imports(source: str) -> set[str]:
+    """The top-level packages a module imports that are neither the standard library nor allowed dependencies;
+    relative imports must name one of the remote-code siblings."""
+    outside = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            if f"{node.module}.py" not in REMOTE_CODE_FILES or node.level != 1:
+                outside.add(f"{'.' * node.level}{node.module}")
+            continue
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        for name in names:
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in REMOTE_CODE_DEPENDENCIES and top != "__future__":
+                outside.add(name)
+    return outside
