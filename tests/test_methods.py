@@ -1,0 +1,104 @@
+"""Every registered pruning method, on both model families, through the same contract (`support.contract`); and a
+method defined inside a test reaching the config, the command line and that contract with no other file touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from support.contract import Family, check_contract, check_remote_round_trip
+
+from adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig
+from adaprune.methods import BUDGET_RULES, SELECTORS, registered
+from adaprune.settings import BudgetRule, TokenSelector, setting
+from adaprune.tools.cli import build_parser, pruning_overrides
+from adaprune.tools.settings_docs import settings_table
+
+METHOD_CHOICES = [
+    {"budget_mode": budget_mode, "selector": selector} for budget_mode in BUDGET_RULES for selector in SELECTORS
+]
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def family(request: pytest.FixtureRequest) -> Family:
+    """A model family: its tiny stock checkpoint, model, processor and images."""
+    if request.param == "llava":
+        images = request.getfixturevalue("small_images")
+        return Family(
+            name="llava",
+            checkpoint=request.getfixturevalue("small_checkpoint"),
+            stock=request.getfixturevalue("small_stock"),
+            processor=request.getfixturevalue("small_processor"),
+            images=[images[name] for name in ("busy", "shapes", "plain")],
+            settings={"energy_ratio": 0.9, "min_tokens": 2, "fixed_tokens": 12},
+        )
+    images = request.getfixturevalue("next_images")
+    return Family(
+        name="llava_next",
+        checkpoint=request.getfixturevalue("next_checkpoint"),
+        stock=request.getfixturevalue("next_stock"),
+        processor=request.getfixturevalue("next_processor"),
+        images=[images[name] for name in ("large", "wide", "tall")],
+        settings={"energy_ratio": 0.8, "min_tokens": 4, "fixed_tokens": 20},
+    )
+
+
+@pytest.mark.parametrize("choice", METHOD_CHOICES, ids=lambda choice: "-".join(choice.values()))
+def test_every_registered_method_meets_the_contract(family: Family, choice: dict) -> None:
+    check_contract(family, choice)
+
+
+def test_every_registered_method_round_trips_through_remote_code(family: Family, tmp_path: Path) -> None:
+    check_remote_round_trip(family, METHOD_CHOICES, tmp_path)
+
+
+@dataclass(frozen=True)
+class HalvingBudget(BudgetRule):
+    """A toy budget rule: every unit keeps a fraction of its tokens."""
+
+    name: ClassVar[str] = "toy_halving"
+
+    toy_fraction: float = setting(
+        0.5,
+        "fraction of its tokens each unit keeps",
+        check=lambda value: isinstance(value, float) and 0 < value <= 1,
+        expected="a float in (0, 1]",
+    )
+
+    def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
+        n_units, n_tokens = spectrum_features.shape[:2]
+        count = max(1, int(n_tokens * self.toy_fraction))
+        return torch.full((n_units,), count, device=spectrum_features.device)
+
+
+@dataclass(frozen=True)
+class LastTokensSelector(TokenSelector):
+    """A toy selector: the last tokens of each unit in raster order."""
+
+    name: ClassVar[str] = "toy_last"
+
+    def keep_mask(self, signals: dict[str, torch.Tensor], budgets: torch.Tensor) -> torch.Tensor:
+        n_tokens = signals["features"].shape[-2]
+        return torch.arange(n_tokens, device=budgets.device) >= (n_tokens - budgets).unsqueeze(-1)
+
+
+def test_a_method_defined_in_a_test_reaches_config_cli_docs_and_contract(family: Family, tmp_path: Path) -> None:
+    with registered(HalvingBudget), registered(LastTokensSelector):
+        for config_class in (AdaPruneConfig, AdaPruneLlavaNextConfig):
+            config = config_class(budget_mode="toy_halving", selector="toy_last", toy_fraction=0.25)
+            assert config.pruning.budget_rule == HalvingBudget(toy_fraction=0.25)
+            assert config.pruning.token_selector == LastTokensSelector()
+            assert config_class().toy_fraction == 0.5
+            with pytest.raises(ValueError, match=r"toy_fraction must be a float in \(0, 1\], got 2"):
+                config_class(toy_fraction=2)
+        arguments = ["convert", "src", str(tmp_path / "out"), "--budget-mode", "toy_halving", "--toy-fraction", "0.3"]
+        overrides = pruning_overrides(build_parser().parse_args(arguments))
+        assert overrides == {"budget_mode": "toy_halving", "toy_fraction": 0.3}
+        assert '`budget_mode="toy_halving"`' in settings_table()
+        check_contract(family, {"budget_mode": "toy_halving", "selector": "toy_last", "toy_fraction": 0.25})
+    assert "toy_halving" not in BUDGET_RULES and "toy_last" not in SELECTORS
+    with pytest.raises(ValueError, match=r"budget_mode must be one of \['energy', 'fixed'\], got 'toy_halving'"):
+        AdaPruneConfig(budget_mode="toy_halving")
