@@ -55,6 +55,7 @@ class EnergyBudget(SpectrumSettings, BudgetRule):
     E(k) >= energy_ratio, clamped to [min_tokens, max_tokens]; plain images keep few tokens, dense ones many."""
 
     name: ClassVar[str] = "energy"
+    calibrated_setting: ClassVar[str | None] = "energy_ratio"
 
     energy_ratio: float = setting(
         0.9,

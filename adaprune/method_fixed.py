@@ -16,6 +16,7 @@ class FixedBudget(BudgetRule):
     tokens); the baseline an adaptive budget is compared with at the same mean."""
 
     name: ClassVar[str] = "fixed"
+    target_setting: ClassVar[str | None] = "fixed_tokens"
 
     fixed_tokens: int = setting(64, "budget of every image (or budget unit) with budget_mode 'fixed'", minimum=1)
 

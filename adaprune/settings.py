@@ -124,7 +124,15 @@ class PruningMethod(Settings):
 
 @dataclass(frozen=True)
 class BudgetRule(PruningMethod):
-    """How many tokens each budget unit keeps (`budget_mode`)."""
+    """How many tokens each budget unit keeps (`budget_mode`).
+
+    How a target mean budget is met (for calibration and benchmarks at matched means): `target_setting` names a
+    setting whose value is the budget itself (a target mean sets it); `calibrated_setting` one that calibration
+    searches on the images' energy curves. A rule with neither cannot be run at a target mean yet.
+    """
+
+    target_setting: ClassVar[str | None] = None
+    calibrated_setting: ClassVar[str | None] = None
 
     def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
         """Per-unit budgets (n,) for (n, N, d) features, on their device."""

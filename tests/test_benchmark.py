@@ -4,7 +4,9 @@ what they claim to be. No timing is asserted: timings on a shared machine are no
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from matplotlib.image import imread
 from support.oracle import load_pruned
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from adaprune.methods import registered
+from adaprune.settings import BudgetRule, setting
 from adaprune.tools.benchmark import _features_cut_to, _shortened_inputs, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +38,7 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
     rows = results["end_to_end"]["rows"]
     measured = {(row["batch_size"], row["variant"], row["target"]) for row in rows}
     variants = {
-        (size, name, target) for size in (1, 2) for name in ("adaptive", "fixed", "ideal") for target in (8, 16)
+        (size, name, target) for size in (1, 2) for name in ("energy", "fixed", "ideal") for target in (8, 16)
     }
     assert measured == variants | {(1, "stock", None), (2, "stock", None)}
     for row in rows:
@@ -46,13 +50,13 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
             assert row["min_kept"] == row["max_kept"] == row["target"]
     by_key = {(row["batch_size"], row["variant"], row["target"]): row for row in rows}
     for size, _, target in variants:
-        # The ideal runs the adaptive budgets, on the same padded lengths.
+        # The ideal runs the energy budgets, on the same padded lengths.
         for field in ("mean_kept", "min_kept", "max_kept", "padding_fraction", "kv_cache_bytes"):
-            assert by_key[(size, "ideal", target)][field] == by_key[(size, "adaptive", target)][field]
+            assert by_key[(size, "ideal", target)][field] == by_key[(size, "energy", target)][field]
     for entry in results["end_to_end"]["calibration"].values():
         assert 0 < entry["energy_ratio"] <= 1 and len(entry["budgets"]) == 2
         assert entry["budgets"][0] < entry["budgets"][1], "the images should differ in density"
-    assert by_key[(2, "stock", None)]["kv_cache_bytes"] > by_key[(2, "adaptive", 8)]["kv_cache_bytes"]
+    assert by_key[(2, "stock", None)]["kv_cache_bytes"] > by_key[(2, "energy", 8)]["kv_cache_bytes"]
 
     timings = results["solvers"]["timings"]
     assert {(row["tokens"], row["solver"], row["batch"]) for row in timings} == {
@@ -85,7 +89,7 @@ def test_quick_run_writes_markdown_with_tables_goals_and_plots(quick_run: tuple[
         assert heading in report
     assert "Command: `python -m adaprune.tools.benchmark --quick" in report
     assert "Quick run" in report
-    assert report.count("| adaptive | 8 |") == 2
+    assert report.count("| energy | 8 |") == 2
     for name in ("end_to_end.png", "budget_solvers.png", "cost_model.png"):
         assert f"]({name})" in report
     goals = report.split("## Goals")[1]
@@ -173,3 +177,26 @@ def test_console_command_records_itself(tmp_path: Path) -> None:
     assert adaprune_main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["command"] == "adaprune " + " ".join(argv)
+
+
+@dataclass(frozen=True)
+class EveryOtherToken(BudgetRule):
+    """A toy budget rule whose budget is a setting, so a target mean sets it directly."""
+
+    name: ClassVar[str] = "toy_every_other"
+    target_setting: ClassVar[str | None] = "toy_tokens"
+
+    toy_tokens: int = setting(8, "tokens per image", minimum=1)
+
+    def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
+        n_units, n_tokens = spectrum_features.shape[:2]
+        return torch.full((n_units,), min(self.toy_tokens, n_tokens), device=spectrum_features.device)
+
+
+def test_the_benchmark_runs_every_registered_budget_rule(tmp_path: Path) -> None:
+    """A budget rule registered by a test is benchmarked next to the built-in ones, at every target mean."""
+    with registered(EveryOtherToken):
+        assert main(["--quick", "--images", "2", "--batch-sizes", "1", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["end_to_end"]["rows"]
+    toy = {row["target"]: row["mean_kept"] for row in rows if row["variant"] == "toy_every_other"}
+    assert toy == {8: 8.0, 16: 16.0}

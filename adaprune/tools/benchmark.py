@@ -4,9 +4,9 @@ Builds a LLaVA with LLaVA-1.5 vision geometry (576 tokens of width 1024) and a L
 random weights locally (no downloads), then measures, in one run:
 
 1. end to end: time to first token (vision tower included), decode tokens/s, total ``generate()`` time and peak
-   memory at each batch size, for the stock model, adaptive pruning calibrated to each target mean budget, the
-   fixed budget at the same mean (same selector), and the ideal: the stock model fed the already-shortened
-   sequence (no pruning cost at all);
+   memory at each batch size, for the stock model, every registered budget rule at each target mean budget
+   (`energy`, E-AdaPrune, with tau calibrated to it; `fixed` at that count; same selector), and the ideal: the
+   stock model fed the sequence `energy` shortened (no pruning cost at all);
 2. the budget computation alone (exact and randomized solvers) on 576 x 1024 and 2,880 x 1024 feature matrices,
    and the randomized solver's budget error against exact;
 3. the analytical prefill FLOPs and KV-cache bytes of LLaVA-1.5-7B/13B and LLaVA-NeXT-8B against kept tokens.
@@ -43,10 +43,13 @@ import transformers
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, LogitsProcessor, LogitsProcessorList
 
+from adaprune.method_energy import EnergyBudget
+from adaprune.method_fixed import FixedBudget
+from adaprune.methods import BUDGET_RULES
 from adaprune.modeling_adaprune import AdaPruneLlavaForConditionalGeneration
 from adaprune.spectral_budget import budgets_from_curves, energy_curves
 
-from .calibration import UnitCurves, calibrate_energy_ratio
+from .calibration import CalibrationError, UnitCurves, settings_for_target
 from .cost_model import (
     CLIP_VIT_L_336,
     LLAVA_15_7B,
@@ -61,6 +64,11 @@ from .cost_model import (
 )
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
 from .workflow import DEFAULT_PROMPT, median_seconds, positive_int, prompt_for
+
+SUBJECT = EnergyBudget.name
+"""The budget rule under study (E-AdaPrune's); the "ideal" variant feeds the stock model the tokens it keeps."""
+BASELINE = FixedBudget.name
+"""The fixed budget it is compared with at the same mean."""
 
 # LLaVA-1.5 vision geometry (2 tower layers) and a 1024-wide Llama-style language model with LLaVA-1.5's vocabulary.
 BENCHMARK_GEOMETRY = replace(
@@ -375,23 +383,24 @@ def _end_to_end(
     prompt = prompt_for(processor, DEFAULT_PROMPT)
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
     curves = UnitCurves.from_images(pruned.model.image_energy_curves(pixel_values))
-    ratios, calibration = {}, {}
+    variants, calibration = [Variant("stock", None, {})], {}
     for target in setting.targets:
-        result = calibrate_energy_ratio(curves, target, setting.min_tokens)
-        ratios[target] = result.energy_ratio
-        budgets = list(result.budgets)
-        calibration[str(target)] = {
-            "energy_ratio": result.energy_ratio,
-            "budgets": budgets,
-            "mean_budget": result.mean_tokens,
-        }
-        log(f"calibrated mean {target}: tau {result.energy_ratio}, budgets {budgets}")
-
-    variants = [Variant("stock", None, {})]
-    for target in setting.targets:
-        variants.append(Variant("adaptive", target, {"budget_mode": "energy", "energy_ratio": ratios[target]}))
-        variants.append(Variant("fixed", target, {"budget_mode": "fixed", "fixed_tokens": target}))
-        variants.append(Variant("ideal", target, {"budget_mode": "energy", "energy_ratio": ratios[target]}))
+        for rule in BUDGET_RULES.values():
+            try:
+                settings, result = settings_for_target(rule, curves, target, setting.min_tokens)
+            except CalibrationError as error:
+                log(f"not benchmarked at mean {target}: {error}")
+                continue
+            variants.append(Variant(rule.name, target, settings))
+            if result is not None:
+                calibration[str(target)] = {
+                    "energy_ratio": result.energy_ratio,
+                    "budgets": list(result.budgets),
+                    "mean_budget": result.mean_tokens,
+                }
+                log(f"calibrated mean {target}: tau {result.energy_ratio}, budgets {list(result.budgets)}")
+            if rule.name == SUBJECT:
+                variants.append(Variant("ideal", target, settings))
     text_tokens = len(processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0])
     text_tokens -= setting.geometry.tokens_per_image
     bytes_per_value = torch.finfo(stock.dtype).bits // 8
@@ -664,7 +673,7 @@ def _goals(results: dict[str, Any]) -> list[list[str]]:
         for batch_size in results["setting"]["batch_sizes"]:
             rows = _rows_by(results, batch_size)
             overheads = {
-                target: rows[("adaptive", target)]["time_to_first_token_s"]
+                target: rows[(SUBJECT, target)]["time_to_first_token_s"]
                 / rows[("ideal", target)]["time_to_first_token_s"]
                 - 1
                 for target in results["setting"]["targets"]
@@ -672,7 +681,7 @@ def _goals(results: dict[str, Any]) -> list[list[str]]:
             worst = max(overheads, key=overheads.get)
             goals.append(
                 [
-                    f"adaptive over ideal time to first token <= 5% (batch {batch_size})",
+                    f"{SUBJECT} over ideal time to first token <= 5% (batch {batch_size})",
                     ", ".join(f"{target}: {value:+.1%}" for target, value in overheads.items()),
                     _verdict(overheads[worst] <= 0.05, f"worst {overheads[worst]:+.1%} at mean {worst}"),
                 ]
@@ -680,7 +689,7 @@ def _goals(results: dict[str, Any]) -> list[list[str]]:
         batch_size = min(results["setting"]["batch_sizes"])
         rows = _rows_by(results, batch_size)
         target = min(results["setting"]["targets"])
-        stock, adaptive = rows[("stock", None)], rows[("adaptive", target)]
+        stock, adaptive = rows[("stock", None)], rows[(SUBJECT, target)]
         vision = results["end_to_end"]["vision_seconds"][str(batch_size)]
         measured = stock["time_to_first_token_s"] / adaptive["time_to_first_token_s"]
         language_model = (stock["time_to_first_token_s"] - vision) / (adaptive["time_to_first_token_s"] - vision)
@@ -787,8 +796,8 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
             "tensors alone."
         )
         + " KV cache: analytical, batch x (longest prefill row + new tokens). Ratios are to the stock model of the "
-        "same run (higher is better for speed, lower for memory). Overhead: adaptive time to first token over the "
-        "ideal's at the same kept tokens."
+        f"same run (higher is better for speed, lower for memory). Overhead: {SUBJECT}'s time to first token over "
+        "the ideal's at the same kept tokens."
     )
     for batch_size in results["setting"]["batch_sizes"]:
         rows = _rows_by(results, batch_size)
@@ -798,7 +807,7 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
             ideal = rows.get(("ideal", target))
             overhead = (
                 ""
-                if variant != "adaptive"
+                if variant != SUBJECT
                 else f"{row['time_to_first_token_s'] / ideal['time_to_first_token_s'] - 1:+.1%}"
             )
             table.append(
@@ -847,14 +856,20 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
         parts.append(f"### Per-image budgets against a fixed budget in batches of {batch_size} (the cost of padding)")
         parts.append(
             _table(
-                ["target", "adaptive images/s", "fixed images/s", "adaptive / fixed", "adaptive padding"],
+                [
+                    "target",
+                    f"{SUBJECT} images/s",
+                    f"{BASELINE} images/s",
+                    f"{SUBJECT} / {BASELINE}",
+                    f"{SUBJECT} padding",
+                ],
                 [
                     [
                         target,
-                        f"{batch_size / rows[('adaptive', target)]['generate_s']:.2f}",
-                        f"{batch_size / rows[('fixed', target)]['generate_s']:.2f}",
-                        f"{rows[('fixed', target)]['generate_s'] / rows[('adaptive', target)]['generate_s']:.2f}x",
-                        f"{rows[('adaptive', target)]['padding_fraction']:.1%}",
+                        f"{batch_size / rows[(SUBJECT, target)]['generate_s']:.2f}",
+                        f"{batch_size / rows[(BASELINE, target)]['generate_s']:.2f}",
+                        f"{rows[(BASELINE, target)]['generate_s'] / rows[(SUBJECT, target)]['generate_s']:.2f}x",
+                        f"{rows[(SUBJECT, target)]['padding_fraction']:.1%}",
                     ]
                     for target in results["setting"]["targets"]
                 ],
@@ -931,7 +946,7 @@ def _cost_markdown(cost: dict[str, Any]) -> str:
 
 # --- plots --------------------------------------------------------------------------------------------------------
 
-VARIANT_STYLES = {"adaptive": "o-", "fixed": "s-", "ideal": "^--"}
+VARIANT_STYLES = {SUBJECT: "o-", BASELINE: "s-", "ideal": "^--"}
 
 
 def _plot_end_to_end(results: dict[str, Any], path: Path) -> None:
@@ -949,9 +964,9 @@ def _plot_end_to_end(results: dict[str, Any], path: Path) -> None:
         rows = _rows_by(results, batch_size)
         stock = rows[("stock", None)]
         for axis, (field, label) in zip(row_axes, metrics):
-            for variant, style in VARIANT_STYLES.items():
+            for variant in dict.fromkeys(name for name, target in rows if target is not None):
                 points = sorted((row["mean_kept"], row[field]) for (name, _), row in rows.items() if name == variant)
-                axis.plot(*zip(*points), style, label=variant)
+                axis.plot(*zip(*points), VARIANT_STYLES.get(variant, "x-"), label=variant)
             axis.axhline(stock[field], color="black", linewidth=1, label=f"stock ({stock['mean_kept']:.0f} tokens)")
             if field == "time_to_first_token_s":
                 points = sorted(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaprune.settings import BudgetRule
 from adaprune.spectral_budget import budgets_from_curves
 
 PERCENTILES = (10, 25, 50, 75, 90)
@@ -168,4 +169,20 @@ def calibrate_energy_ratio(
         tokens_per_image=curves.tokens_per_image,
         min_tokens=min_tokens,
         max_tokens=max_tokens,
+    )
+
+
+def settings_for_target(
+    rule: type[BudgetRule], curves: UnitCurves, target_mean_tokens: float, min_tokens: int
+) -> tuple[dict[str, float | int], Calibration | None]:
+    """The settings that run budget rule `rule` at a mean of `target_mean_tokens` tokens per image on these images
+    (`budget_mode` included), and the calibration when one was needed. Raises CalibrationError for a rule that
+    declares no way to meet a target."""
+    if rule.target_setting is not None:
+        return {"budget_mode": rule.name, rule.target_setting: round(target_mean_tokens)}, None
+    if rule.calibrated_setting == "energy_ratio":
+        calibration = calibrate_energy_ratio(curves, target_mean_tokens, min_tokens)
+        return {"budget_mode": rule.name, "energy_ratio": calibration.energy_ratio}, calibration
+    raise CalibrationError(
+        f"budget rule {rule.name!r} declares no way to meet a target mean (target_setting or calibrated_setting)"
     )
