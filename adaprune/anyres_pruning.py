@@ -8,14 +8,13 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .anyres_layout import PackedLayout, budget_units, with_row_newlines
 from .configuration_adaprune import AnyResPruningSettings
 from .image_pruning import UnitGroup, prune_groups
 from .pruning_outputs import AdaPruneImageFeaturesOutput
 from .token_selection import kept_indices_from_mask
-from .vision_probes import projector_input
+from .vision_probes import TowerFeatures
 
 
 @dataclass(frozen=True)
@@ -28,15 +27,13 @@ class UnitBatch:
 
 
 def unit_batches(
-    output: BaseModelOutputWithPooling,
+    features: TowerFeatures,
     signals: dict[str, torch.Tensor],
     settings: AnyResPruningSettings,
-    layer: int | list[int],
-    strategy: str,
     layouts: list[PackedLayout],
 ) -> list[UnitBatch]:
     """The batch's budget units, grouped by length, with their spectrum features, signals and packed rows."""
-    packed = list(output.pooler_output)
+    packed = list(features.output.pooler_output)
     device = packed[0].device
     crops_per_image = [1 + layout.grid_shape[0] * layout.grid_shape[1] for layout in layouts]
     patches = layouts[0].patches_per_side ** 2
@@ -45,7 +42,7 @@ def unit_batches(
     if settings.spectrum_source == "projected":
         spectrum = packed
     else:
-        vision = projector_input(output.hidden_states, layer, strategy).split(crops_per_image)
+        vision = features.projector_input().split(crops_per_image)
         spectrum = [crops.flatten(0, 1)[rows] for crops, rows in zip(vision, source_rows)]
     per_image_signals = {
         name: [crops.flatten(0, 1)[rows] for crops, rows in zip(values.split(crops_per_image), source_rows)]
@@ -74,15 +71,11 @@ def unit_batches(
 
 
 def packed_energy_curves(
-    output: BaseModelOutputWithPooling,
-    settings: AnyResPruningSettings,
-    layer: int | list[int],
-    strategy: str,
-    layouts: list[PackedLayout],
+    features: TowerFeatures, settings: AnyResPruningSettings, layouts: list[PackedLayout]
 ) -> list[list[torch.Tensor]]:
     """Per image, the energy curve of each of its budget units (base crop first with `budget_scope="crop"`)."""
     curves: list[list[tuple[int, torch.Tensor]]] = [[] for _ in layouts]
-    for batch in unit_batches(output, {}, settings, layer, strategy, layouts):
+    for batch in unit_batches(features, {}, settings, layouts):
         unit_curves = settings.spectrum.curves(batch.group.spectrum_features)
         for unit_id, image, curve in zip(batch.unit_ids, batch.group.images, unit_curves):
             curves[image].append((unit_id, curve))
@@ -90,17 +83,16 @@ def packed_energy_curves(
 
 
 def prune_packed_images(
-    output: BaseModelOutputWithPooling,
+    features: TowerFeatures,
     signals: dict[str, torch.Tensor],
     settings: AnyResPruningSettings,
-    layer: int | list[int],
-    strategy: str,
     layouts: list[PackedLayout],
 ) -> AdaPruneImageFeaturesOutput:
     """Stock packed features cut to each image's budget units (one host sync for all budgets, one more for the
     kept newlines); kept newlines follow `newline_policy`."""
+    output = features.output
     packed = list(output.pooler_output)
-    batches = unit_batches(output, signals, settings, layer, strategy, layouts)
+    batches = unit_batches(features, signals, settings, layouts)
     prunings = prune_groups([batch.group for batch in batches], settings)
 
     device = packed[0].device
@@ -125,7 +117,7 @@ def prune_packed_images(
     _, kept_indices = kept_indices_from_mask(keep, keep.sum(-1).tolist())
     return AdaPruneImageFeaturesOutput(
         last_hidden_state=output.last_hidden_state,
-        pooler_output=[features[kept] for features, kept in zip(packed, kept_indices)],
+        pooler_output=[image[kept] for image, kept in zip(packed, kept_indices)],
         hidden_states=output.hidden_states,
         attentions=output.attentions,
         token_budgets=token_budgets,

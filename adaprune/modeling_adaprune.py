@@ -47,7 +47,7 @@ from .pruning_outputs import (
     AdaPruneLlavaNextModelOutputWithPast,
     AdaPruneModelOutputWithPast,
 )
-from .vision_probes import projector_input
+from .vision_probes import TowerFeatures
 
 
 class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
@@ -72,42 +72,28 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
 
-    def _energy_curves(
-        self,
-        output: BaseModelOutputWithPooling,
-        settings: PruningSettings,
-        layer: int | list[int],
-        strategy: str,
-        image_sizes: torch.Tensor | None,
-    ) -> list[list[torch.Tensor]]:
-        _, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
+    def _energy_curves(self, features: TowerFeatures, settings: PruningSettings) -> list[list[torch.Tensor]]:
+        _, spectrum_features = self._spectrum_inputs(features, settings)
         return [[curve] for curve in settings.spectrum.curves(spectrum_features)]
 
-    def _spectrum_inputs(
-        self, output: BaseModelOutputWithPooling, settings: PruningSettings, layer: int | list[int], strategy: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _spectrum_inputs(self, features: TowerFeatures, settings: PruningSettings) -> tuple[torch.Tensor, torch.Tensor]:
         """The (n, N, D) projected features and the (n, N, d) features whose spectra set the budgets."""
-        token_counts = {len(features) for features in output.pooler_output}
+        token_counts = {len(image) for image in features.output.pooler_output}
         if len(token_counts) > 1:
             raise ValueError(
                 f"images have different numbers of visual tokens {sorted(token_counts)}; the LLaVA pruning model "
                 "needs equal-size images (omit image_sizes), or use the LLaVA-NeXT variant"
             )
-        projected = torch.stack(list(output.pooler_output))
+        projected = torch.stack(list(features.output.pooler_output))
         if settings.spectrum_source == "projected":
             return projected, projected
-        return projected, projector_input(output.hidden_states, layer, strategy)
+        return projected, features.projector_input()
 
     def _prune(
-        self,
-        output: BaseModelOutputWithPooling,
-        signals: dict[str, torch.Tensor],
-        settings: PruningSettings,
-        layer: int | list[int],
-        strategy: str,
-        image_sizes: torch.Tensor | None,
+        self, features: TowerFeatures, signals: dict[str, torch.Tensor], settings: PruningSettings
     ) -> AdaPruneImageFeaturesOutput:
-        projected, spectrum_features = self._spectrum_inputs(output, settings, layer, strategy)
+        output = features.output
+        projected, spectrum_features = self._spectrum_inputs(features, settings)
         checked = () if spectrum_features is projected else (projected,)
         pruning = prune_images(spectrum_features, signals, settings, checked_features=checked)
         return AdaPruneImageFeaturesOutput(
@@ -183,39 +169,26 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
         from: crop, patch within the crop, grid row, or newline (see `anyres_layout.PackedLayout`)."""
         return config_packed_layout(self.config, image_size)
 
-    def _layouts(self, image_sizes: torch.Tensor, packed: list[torch.Tensor]) -> list[PackedLayout]:
+    def _layouts(self, features: TowerFeatures) -> list[PackedLayout]:
+        """Each image's packed layout, checked against its packed features."""
+        image_sizes, packed = features.image_sizes, list(features.output.pooler_output)
         layouts = [self.packed_layout(size) for size in image_sizes.tolist()]
         lengths = [len(layout) for layout in layouts]
-        if lengths != [len(features) for features in packed]:
+        if lengths != [len(image) for image in packed]:
             raise ValueError(
-                f"the packed image features have {[len(features) for features in packed]} tokens per image, but the "
+                f"the packed image features have {[len(image) for image in packed]} tokens per image, but the "
                 f"any-resolution layout of image_sizes {image_sizes.tolist()} gives {lengths}; this model needs "
                 "vision_feature_select_strategy='default' and the processor's image_sizes"
             )
         return layouts
 
-    def _energy_curves(
-        self,
-        output: BaseModelOutputWithPooling,
-        settings: AnyResPruningSettings,
-        layer: int | list[int],
-        strategy: str,
-        image_sizes: torch.Tensor | None,
-    ) -> list[list[torch.Tensor]]:
-        layouts = self._layouts(image_sizes, list(output.pooler_output))
-        return packed_energy_curves(output, settings, layer, strategy, layouts)
+    def _energy_curves(self, features: TowerFeatures, settings: AnyResPruningSettings) -> list[list[torch.Tensor]]:
+        return packed_energy_curves(features, settings, self._layouts(features))
 
     def _prune(
-        self,
-        output: BaseModelOutputWithPooling,
-        signals: dict[str, torch.Tensor],
-        settings: AnyResPruningSettings,
-        layer: int | list[int],
-        strategy: str,
-        image_sizes: torch.Tensor | None,
+        self, features: TowerFeatures, signals: dict[str, torch.Tensor], settings: AnyResPruningSettings
     ) -> AdaPruneImageFeaturesOutput:
-        layouts = self._layouts(image_sizes, list(output.pooler_output))
-        return prune_packed_images(output, signals, settings, layer, strategy, layouts)
+        return prune_packed_images(features, signals, settings, self._layouts(features))
 
     forward = with_signature_of(LlavaNextModel.forward)(PrunedPrefillMixin.forward)
 

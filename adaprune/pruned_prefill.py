@@ -25,7 +25,7 @@ from .sequence_compaction import (
     placeholder_keep_flags,
     prefill_state,
 )
-from .vision_probes import capturing_cls_attention, cls_attention_module
+from .vision_probes import TowerFeatures, capturing_cls_attention, cls_attention_module
 
 
 class PrunedPrefillMixin:
@@ -83,17 +83,12 @@ class PrunedPrefillMixin:
                 signals["cls_attention"] = signals["cls_attention"][:, 1:]
         else:
             output = self._stock_image_features(**stock_kwargs)
-        return self._prune(output, signals, settings, layer, strategy, image_sizes)
+        return self._prune(TowerFeatures(output, layer, strategy, image_sizes), signals, settings)
 
     def _prune(
-        self,
-        output: BaseModelOutputWithPooling,
-        signals: dict[str, torch.Tensor],
-        settings: PruningSettings,
-        layer: int | list[int],
-        strategy: str,
-        image_sizes: torch.Tensor | None,
+        self, features: TowerFeatures, signals: dict[str, torch.Tensor], settings: PruningSettings
     ) -> AdaPruneImageFeaturesOutput:
+        """From the stock features to each image's kept ones (a variant's own packing of image tokens)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -114,16 +109,10 @@ class PrunedPrefillMixin:
             vision_feature_layer=layer,
             vision_feature_select_strategy=strategy,
         )
-        return self._energy_curves(output, self.config.pruning, layer, strategy, image_sizes)
+        return self._energy_curves(TowerFeatures(output, layer, strategy, image_sizes), self.config.pruning)
 
-    def _energy_curves(
-        self,
-        output: BaseModelOutputWithPooling,
-        settings: PruningSettings,
-        layer: int | list[int],
-        strategy: str,
-        image_sizes: torch.Tensor | None,
-    ) -> list[list[torch.Tensor]]:
+    def _energy_curves(self, features: TowerFeatures, settings: PruningSettings) -> list[list[torch.Tensor]]:
+        """Per image, the energy curve of each of its budget units."""
         raise NotImplementedError
 
     def image_placeholder_mask(

@@ -6,18 +6,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
-def projector_input(hidden_states: tuple[torch.Tensor, ...], layer: int | list[int], strategy: str) -> torch.Tensor:
-    """The vision features LLaVA feeds its projector, rebuilt from the tower's selected hidden states."""
-    layers = [layer] if isinstance(layer, int) else layer
-    selected = [hidden_states[index] for index in layers]
-    if strategy == "default":
-        selected = [states[:, 1:] for states in selected]
-    return torch.cat(selected, dim=-1)
+@dataclass(frozen=True)
+class TowerFeatures:
+    """Stock image features and how they were selected: the tower's output (the projected features in
+    `pooler_output`, the selected hidden states), the feature layer(s) and select strategy in effect, and the
+    images' sizes (any-resolution models)."""
+
+    output: BaseModelOutputWithPooling
+    layer: int | list[int]
+    strategy: str
+    image_sizes: torch.Tensor | None = None
+
+    def projector_input(self) -> torch.Tensor:
+        """The vision features LLaVA feeds its projector, rebuilt from the tower's selected hidden states."""
+        layers = [self.layer] if isinstance(self.layer, int) else self.layer
+        selected = [self.output.hidden_states[index] for index in layers]
+        if self.strategy == "default":
+            selected = [states[:, 1:] for states in selected]
+        return torch.cat(selected, dim=-1)
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:

@@ -4,7 +4,6 @@ what they claim to be. No timing is asserted: timings on a shared machine are no
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,8 +14,8 @@ from matplotlib.image import imread
 from support.oracle import load_pruned
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from adaprune.method_fixed import FixedBudget
 from adaprune.methods import registered
-from adaprune.settings import BudgetRule, setting
 from adaprune.tools.benchmark import _features_cut_to, _shortened_inputs, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -179,24 +178,16 @@ def test_console_command_records_itself(tmp_path: Path) -> None:
     assert results["command"] == "adaprune " + " ".join(argv)
 
 
-@dataclass(frozen=True)
-class EveryOtherToken(BudgetRule):
-    """A toy budget rule whose budget is a setting, so a target mean sets it directly."""
+class RenamedFixedBudget(FixedBudget):
+    """A toy budget rule: the fixed budget under another name (its setting is the shared `fixed_tokens`)."""
 
-    name: ClassVar[str] = "toy_every_other"
-    target_setting: ClassVar[str | None] = "toy_tokens"
-
-    toy_tokens: int = setting(8, "tokens per image", minimum=1)
-
-    def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
-        n_units, n_tokens = spectrum_features.shape[:2]
-        return torch.full((n_units,), min(self.toy_tokens, n_tokens), device=spectrum_features.device)
+    name: ClassVar[str] = "toy_fixed"
 
 
 def test_the_benchmark_runs_every_registered_budget_rule(tmp_path: Path) -> None:
     """A budget rule registered by a test is benchmarked next to the built-in ones, at every target mean."""
-    with registered(EveryOtherToken):
+    with registered(RenamedFixedBudget):
         assert main(["--quick", "--images", "2", "--batch-sizes", "1", "--output-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["end_to_end"]["rows"]
-    toy = {row["target"]: row["mean_kept"] for row in rows if row["variant"] == "toy_every_other"}
+    toy = {row["target"]: row["mean_kept"] for row in rows if row["variant"] == "toy_fixed"}
     assert toy == {8: 8.0, 16: 16.0}

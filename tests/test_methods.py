@@ -22,28 +22,28 @@ METHOD_CHOICES = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next"])
+# Per family: the conftest fixtures of its checkpoint, stock model, processor and images; which images; and
+# settings that keep every method's budgets sensible on the tiny images.
+FAMILIES = {
+    "llava": (
+        ("small_checkpoint", "small_stock", "small_processor", "small_images"),
+        ("busy", "shapes", "plain"),
+        {"energy_ratio": 0.9, "min_tokens": 2, "fixed_tokens": 12},
+    ),
+    "llava_next": (
+        ("next_checkpoint", "next_stock", "next_processor", "next_images"),
+        ("large", "wide", "tall"),
+        {"energy_ratio": 0.8, "min_tokens": 4, "fixed_tokens": 20},
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request: pytest.FixtureRequest) -> Family:
     """A model family: its tiny stock checkpoint, model, processor and images."""
-    if request.param == "llava":
-        images = request.getfixturevalue("small_images")
-        return Family(
-            name="llava",
-            checkpoint=request.getfixturevalue("small_checkpoint"),
-            stock=request.getfixturevalue("small_stock"),
-            processor=request.getfixturevalue("small_processor"),
-            images=[images[name] for name in ("busy", "shapes", "plain")],
-            settings={"energy_ratio": 0.9, "min_tokens": 2, "fixed_tokens": 12},
-        )
-    images = request.getfixturevalue("next_images")
-    return Family(
-        name="llava_next",
-        checkpoint=request.getfixturevalue("next_checkpoint"),
-        stock=request.getfixturevalue("next_stock"),
-        processor=request.getfixturevalue("next_processor"),
-        images=[images[name] for name in ("large", "wide", "tall")],
-        settings={"energy_ratio": 0.8, "min_tokens": 4, "fixed_tokens": 20},
-    )
+    fixtures, image_names, settings = FAMILIES[request.param]
+    checkpoint, stock, processor, images = (request.getfixturevalue(name) for name in fixtures)
+    return Family(request.param, checkpoint, stock, processor, [images[name] for name in image_names], settings)
 
 
 @pytest.mark.parametrize("choice", METHOD_CHOICES, ids=lambda choice: "-".join(choice.values()))
