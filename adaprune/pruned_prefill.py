@@ -161,9 +161,9 @@ class PrunedPrefillMixin:
         state = pruning_state_of(cache)
         if not is_pruned(image_output):
             if state is not None:
-                new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                new_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
                 attention_mask, position_ids = state.step_inputs(
-                    attention_mask, position_ids, new_tokens, cache.get_seq_length()
+                    attention_mask, position_ids, tuple(new_shape), cache.get_seq_length()
                 )
             return super().forward(  # type: ignore[misc]
                 input_ids=input_ids,

@@ -188,15 +188,22 @@ class PruningState:
         self,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
-        new_tokens: int,
+        new_shape: tuple[int, int],
         cache_length: int,
         layer: int = 0,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """The attention mask (over the cache of `layer` plus the new tokens) and the position ids of `new_tokens`
-        tokens that follow the cached ones, from the caller's mask over its full sequence (None: all ones) and
+        """The attention mask (over the cache of `layer` plus the new tokens) and the position ids of the new
+        tokens (`new_shape`: rows, tokens) that follow the cached ones, from the caller's mask over its full sequence (None: all ones) and
         position ids (None: continuing after the covered positions, as the stock model counts them)."""
         plan = self.plan_at(layer)
         batch = plan.source_index.shape[0]
+        rows, new_tokens = new_shape
+        if rows != batch:
+            raise ValueError(
+                f"the cache filled by the pruned prefill holds {batch} sequences, and the inputs have {rows}; "
+                "continue each cached sequence once (no num_beams or num_return_sequences above 1 when continuing "
+                "a cache)"
+            )
         covered = self.covered_length(cache_length, layer)
         device = plan.source_index.device
         if attention_mask is None:

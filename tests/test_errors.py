@@ -162,3 +162,13 @@ def test_bad_setting_after_loading_is_caught_on_use(small_checkpoint, one_image:
 def test_bad_setting_at_loading(small_checkpoint) -> None:
     with pytest.raises(ValueError, match=r"selector must be one of \['cls_attention', 'uniform'\], got 'topk'"):
         load_pruned(small_checkpoint, selector="topk")
+
+
+def test_continuing_a_pruned_cache_with_more_rows_than_it_holds_is_refused(pruned, one_image: dict) -> None:
+    """Beams in a continued conversation would need the cache expanded per beam; stock generate() does not do
+    that either, so the mismatch gets a clear error."""
+    with torch.no_grad():
+        first = pruned.generate(**one_image, max_new_tokens=3, return_dict_in_generate=True)
+        sequence = torch.cat([first.sequences, first.sequences[:, -2:]], dim=1)
+        with pytest.raises(ValueError, match="holds 1 sequences, and the inputs have 2; continue each cached"):
+            pruned.generate(input_ids=sequence, cache=output_cache(first), max_new_tokens=2, num_beams=2)

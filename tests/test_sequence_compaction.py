@@ -243,11 +243,13 @@ def test_pruning_state_maps_later_steps_at_every_layer(policy: str) -> None:
     for layer, plan in ((0, first), (2, first), (3, first.then(second)), (9, first.then(second))):
         cache_length = plan.source_index.shape[1] + 2
         assert state.covered_length(cache_length, layer) == length + 2
-        mask, moved = state.step_inputs(caller_mask, positions, 2, cache_length, layer)
+        mask, moved = state.step_inputs(caller_mask, positions, (batch, 2), cache_length, layer)
         assert torch.equal(mask, torch.cat([plan.gather(attention_mask), torch.ones(batch, 4, dtype=torch.long)], 1))
         assert torch.equal(moved, positions - (dropped if policy == "compact" else 0))
     with pytest.raises(ValueError, match=rf"expected shape \({batch}, {length + 4}\)"):
-        state.step_inputs(caller_mask[:, 1:], positions, 2, first.source_index.shape[1] + 2)
+        state.step_inputs(caller_mask[:, 1:], positions, (batch, 2), first.source_index.shape[1] + 2)
+    with pytest.raises(ValueError, match=rf"holds {batch} sequences, and the inputs have {batch + 1}"):
+        state.step_inputs(None, None, (batch + 1, 2), first.source_index.shape[1] + 2)
     with pytest.raises(ValueError, match="fewer than its pruned prefill"):
         state.covered_length(first.source_index.shape[1] - 1)
     with pytest.raises(ValueError, match="compactions go deeper"):
