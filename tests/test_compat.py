@@ -91,7 +91,8 @@ def test_a_newer_transformers_warns_that_it_is_untested(installed: str) -> None:
     ],
 )
 def test_every_pruning_class_has_the_stock_forward_signature(ours: type, stock: type) -> None:
-    """Tooling that inspects `forward` (generate's routing, output_attentions support, ...) sees the stock model."""
+    """The whole signature, annotations included: positional callers work, and tooling that inspects `forward`
+    (generate's routing of `mm_encoder_outputs`, output_attentions support, ...) sees the stock model."""
     assert inspect.signature(ours.forward) == inspect.signature(stock.forward)
     assert CACHE_ARGUMENT in inspect.signature(ours.forward).parameters
 

@@ -6,7 +6,6 @@ sizes and aspect ratios, so images have different grids, unpadding and packed le
 
 from __future__ import annotations
 
-import inspect
 import random
 
 import numpy as np
@@ -23,19 +22,13 @@ from support.oracle import (
 )
 from transformers import (
     DynamicCache,
-    LlavaForConditionalGeneration,
-    LlavaModel,
     LlavaNextForConditionalGeneration,
-    LlavaNextModel,
     LlavaNextProcessor,
 )
 
 from adaprune import (
-    AdaPruneLlavaForConditionalGeneration,
-    AdaPruneLlavaModel,
     AdaPruneLlavaNextConfig,
     AdaPruneLlavaNextForConditionalGeneration,
-    AdaPruneLlavaNextModel,
 )
 from adaprune.compat import output_cache
 from adaprune.spectral_budget import budgets_from_curves
@@ -305,23 +298,6 @@ def test_continuing_a_cache_with_new_images_is_refused(next_checkpoint, mixed_in
         pruned(input_ids=mixed_inputs["input_ids"][:, :3], past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="the cache already holds 3 tokens"):
             pruned(**mixed_inputs, past_key_values=cache)
-
-
-@pytest.mark.parametrize(
-    ("ours", "stock"),
-    [
-        (AdaPruneLlavaNextForConditionalGeneration, LlavaNextForConditionalGeneration),
-        (AdaPruneLlavaNextModel, LlavaNextModel),
-        (AdaPruneLlavaForConditionalGeneration, LlavaForConditionalGeneration),
-        (AdaPruneLlavaModel, LlavaModel),
-    ],
-)
-def test_forward_keeps_the_stock_signature(ours: type, stock: type) -> None:
-    """Same parameters in the same order: positional callers work, and `generate()`, which reads the signature
-    (e.g. `mm_encoder_outputs` decides whether images are encoded before beams are expanded), sees the stock names."""
-    ours_names = list(inspect.signature(ours.forward).parameters)
-    stock_names = list(inspect.signature(stock.forward).parameters)
-    assert ours_names == stock_names
 
 
 @pytest.mark.parametrize("source", ["vision", "projected"])
