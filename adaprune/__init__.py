@@ -6,6 +6,7 @@ Importing the package registers the pruning models with the transformers Auto cl
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, AnyResPruningSettings, PruningSettings
+from .methods import BUDGET_RULES, SELECTORS, register, registered
 from .modeling_adaprune import (
     AdaPruneCausalLMOutputWithPast,
     AdaPruneImageFeaturesOutput,
@@ -17,6 +18,7 @@ from .modeling_adaprune import (
     AdaPruneLlavaNextModelOutputWithPast,
     AdaPruneModelOutputWithPast,
 )
+from .settings import BudgetRule, TokenSelector, setting
 
 for _config, _model, _generation_model in (
     (AdaPruneConfig, AdaPruneLlavaModel, AdaPruneLlavaForConditionalGeneration),
@@ -29,6 +31,13 @@ for _config, _model, _generation_model in (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUDGET_RULES",
+    "BudgetRule",
+    "SELECTORS",
+    "TokenSelector",
+    "register",
+    "registered",
+    "setting",
     "AdaPruneCausalLMOutputWithPast",
     "AdaPruneConfig",
     "AdaPruneImageFeaturesOutput",
