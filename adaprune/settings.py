@@ -11,6 +11,7 @@ each budget unit keeps, a `TokenSelector` which ones. `methods.py` registers the
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -56,9 +57,15 @@ def setting_choices(declaration: Field) -> list[str] | None:
     return list(choices() if callable(choices) else choices)
 
 
+@functools.cache
+def _type_hints(owner: type) -> dict[str, Any]:
+    """The resolved annotations of a settings class (resolving them is slow, and they never change)."""
+    return typing.get_type_hints(owner)
+
+
 def setting_type(declaration: Field, owner: type) -> type:
     """The value type of a setting (bool, int, float or str), from its annotation; `X | None` gives X."""
-    annotation = typing.get_type_hints(owner)[declaration.name]
+    annotation = _type_hints(owner)[declaration.name]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
     return annotation
