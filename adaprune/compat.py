@@ -95,11 +95,10 @@ def output_cache(output: Any) -> Any:
     return getattr(output, CACHE_FIELD, None)
 
 
-def image_output_fields(image_output: Any) -> dict[str, Any]:
-    """The image field of a LLaVA output built from the encoder output `image_output` (None without images)."""
-    if image_output is None or IMAGE_OUTPUTS_FIELD == "image_outputs":
-        return {IMAGE_OUTPUTS_FIELD: image_output}
-    return {IMAGE_OUTPUTS_FIELD: torch.cat(list(image_output.pooler_output))}
+def image_output_fields(image_output: Any, image_features: torch.Tensor) -> dict[str, Any]:
+    """The image field of a LLaVA output: the encoder output `image_output` (5.24+), or the concatenated
+    `image_features` the prompt received (before)."""
+    return {IMAGE_OUTPUTS_FIELD: image_output if IMAGE_OUTPUTS_FIELD == "image_outputs" else image_features}
 
 
 def model_output_fields(output: Any) -> dict[str, Any]:

@@ -188,8 +188,7 @@ class PrunedPrefillMixin:
             )
 
         placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
-        _check_placeholder_count(placeholders, image_output.tokens_per_image)
-        _check_placeholders_attended(placeholders, attention_mask)
+        _check_placeholders(placeholders, attention_mask, image_output.tokens_per_image)
         kept_placeholders = torch.zeros_like(placeholders)
         kept_placeholders[placeholders] = placeholder_keep_flags(
             image_output.kept_indices, image_output.tokens_per_image
@@ -216,7 +215,7 @@ class PrunedPrefillMixin:
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             **{CACHE_FIELD: new_cache},
-            **image_output_fields(image_output),
+            **image_output_fields(image_output, image_features),
             pruned_attention_mask=plan.attention_mask,
             pruned_position_ids=positions,
             source_index=plan.source_index,
@@ -253,23 +252,23 @@ def _check_prefill_cache(cache: Any) -> None:
         )
 
 
-def _check_placeholders_attended(placeholders: torch.BoolTensor, attention_mask: torch.Tensor) -> None:
-    """Pruning picks each image's tokens without the attention mask, so a masked placeholder could silently take
-    a kept slot (below min_tokens, or an empty row); refuse masks that hide image tokens."""
+def _check_placeholders(
+    placeholders: torch.BoolTensor, attention_mask: torch.Tensor, tokens_per_image: list[int]
+) -> None:
+    """The prompt has every image's placeholders, and the mask hides none of them: pruning picks each image's
+    tokens without the mask, so a masked placeholder could silently take a kept slot (below min_tokens, or an
+    empty row). One host sync for both checks."""
     hidden = placeholders & ~attention_mask.bool()
-    if bool(hidden.any()):
-        rows = sorted(set(hidden.nonzero()[:, 0].tolist()))
-        raise ValueError(
-            f"attention_mask hides {int(hidden.sum())} image placeholder tokens (rows {rows}); pruning chooses among "
-            "all of an image's tokens, so unmask them (the processor's mask does) or disable pruning"
-        )
-
-
-def _check_placeholder_count(placeholders: torch.BoolTensor, tokens_per_image: list[int]) -> None:
-    n_placeholders = int(placeholders.sum())
+    n_placeholders, n_hidden = torch.stack([placeholders.sum(), hidden.sum()]).tolist()
     if n_placeholders != sum(tokens_per_image):
         raise ValueError(
             f"the prompt has {n_placeholders} image placeholder tokens, but its {len(tokens_per_image)} images need "
             f"{sum(tokens_per_image)} ({tokens_per_image} per image); build the inputs with the model's processor so "
             "every image has its placeholders"
+        )
+    if n_hidden:
+        rows = sorted(set(hidden.nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"attention_mask hides {n_hidden} image placeholder tokens (rows {rows}); pruning chooses among all of an "
+            "image's tokens, so unmask them (the processor's mask does) or disable pruning"
         )
