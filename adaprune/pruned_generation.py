@@ -126,8 +126,7 @@ class PrunedGenerationMixin:
             input_ids[:, covered:], *args[1:], attention_mask=attention_mask, **cache_argument(cache), **kwargs
         )
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        prefix = input_ids[:, :covered].repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-        sequences = torch.cat([prefix.to(sequences.device), sequences], dim=1)
+        sequences = torch.cat([input_ids[:, :covered].to(sequences.device), sequences], dim=1)
         if isinstance(output, torch.Tensor):
             return sequences
         output.sequences = sequences
