@@ -216,14 +216,16 @@ def test_continuing_from_a_pruned_cache_matches_the_oracle_over_turns(
     )
 
 
+@pytest.mark.parametrize(("rows", "implicit"), [([0, 2], False), ([0], True)], ids=["padded-batch", "implicit"])
 @pytest.mark.parametrize("policy", ["compact", "original"])
 def test_forward_steps_on_a_pruned_cache_take_the_callers_full_mask(
-    policy: str, small_checkpoint, small_stock, small_processor, small_images
+    policy: str, rows: list[int], implicit: bool, small_checkpoint, small_stock, small_processor, small_images
 ) -> None:
     """A hand-written decoding loop: after a pruned prefill, forward() takes the mask and positions of the caller's
-    full sequence, and equals the masked stock model step by step."""
+    full sequence, and equals the masked stock model step by step. Without padding both may be left out
+    (`implicit`): the mask is then all ones and the positions continue after the sequence, as for the stock model."""
     pruned = load_pruned(small_checkpoint, energy_ratio=0.9, min_tokens=2, position_policy=policy)
-    inputs = batch_inputs(small_processor, small_images, [0, 2])
+    inputs = batch_inputs(small_processor, small_images, rows)
     with torch.no_grad():
         image_output = pruned.get_image_features(pixel_values=inputs["pixel_values"])
         reference_inputs = oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy)
@@ -240,8 +242,8 @@ def test_forward_steps_on_a_pruned_cache_take_the_callers_full_mask(
             positions, reference_positions = positions + 1, reference_positions + 1
             ours = pruned(
                 input_ids=token,
-                attention_mask=mask,
-                position_ids=positions,
+                attention_mask=None if implicit else mask,
+                position_ids=None if implicit else positions,
                 use_cache=True,
                 **cache_argument(output_cache(ours)),
             )
