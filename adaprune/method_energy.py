@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from .settings import BudgetRule, Settings, is_number, setting
+from .settings import BudgetRule, Settings, check_setting, is_number, setting
 from .spectral_budget import budgets_from_curves, energy_curves
 
 
@@ -70,10 +70,12 @@ class EnergyBudget(SpectrumSettings, BudgetRule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
-            raise ValueError(
-                f"max_tokens must be None or an integer >= min_tokens ({self.min_tokens}), got {self.max_tokens!r}"
-            )
+        check_setting(
+            "max_tokens",
+            self.max_tokens is None or self.max_tokens >= self.min_tokens,
+            f"None or an integer >= min_tokens ({self.min_tokens})",
+            self.max_tokens,
+        )
 
     def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
         return budgets_from_curves(

@@ -85,11 +85,14 @@ def _expectation(declaration: Field, owner: type) -> tuple[Callable[[Any], bool]
         return (lambda value: isinstance(value, bool)), "True or False"
     if kind is int:
         minimum = metadata.get("minimum")
-        lower = -(2**63) if minimum is None else minimum
         description = "an integer" + ("" if minimum is None else f" >= {minimum}")
+
+        def in_range(value: Any) -> bool:
+            return is_int(value) and (minimum is None or value >= minimum)
+
         if optional:
-            return (lambda value: value is None or (is_int(value) and value >= lower)), f"None or {description}"
-        return (lambda value: is_int(value) and value >= lower), description
+            return (lambda value: value is None or in_range(value)), f"None or {description}"
+        return in_range, description
     if kind is float:
         return is_number, "a number"
     return (lambda value: isinstance(value, kind)), f"a {kind.__name__}"
@@ -115,10 +118,6 @@ class Settings:
     def declared(cls) -> tuple[Field, ...]:
         """The group's setting declarations, in order."""
         return fields(cls)  # type: ignore[arg-type]
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {declaration.name: declaration.default for declaration in cls.declared()}
 
 
 @dataclass(frozen=True)
