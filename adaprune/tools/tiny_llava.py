@@ -8,6 +8,7 @@ Used by the tests and the demo: a word-level tokenizer, a stock `LlavaProcessor`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -68,11 +69,22 @@ LLAVA15_GEOMETRY = Geometry(
 DEMO_GEOMETRY = replace(LLAVA15_GEOMETRY, text_hidden=512, text_layers=8, text_heads=8, text_intermediate=1376)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with LLaVA's special tokens; pads on the left, adds <s>."""
+# LLaVA-1.5's conversation format: "USER: <image>\n{text} ASSISTANT:" (images first, then the text of the turn).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tokenizer(words: Sequence[str] = WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of `words` with LLaVA's special tokens; pads on the left, adds <s>."""
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    tokenizer.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
@@ -87,7 +99,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(geometry: Geometry = SMALL_GEOMETRY) -> LlavaProcessor:
+def build_processor(
+    geometry: Geometry = SMALL_GEOMETRY, words: Sequence[str] = WORDS, chat_template: str | None = None
+) -> LlavaProcessor:
     """A stock `LlavaProcessor` that expands each <image> into the tower's patch count, as llava-hf's do."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": geometry.image_size},
@@ -95,10 +109,11 @@ def build_processor(geometry: Geometry = SMALL_GEOMETRY) -> LlavaProcessor:
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(words),
         patch_size=geometry.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=chat_template,
     )
 
 
