@@ -1,4 +1,4 @@
-"""The `adaprune` command: convert, calibrate, inspect, publish (and demo).
+"""The `adaprune` command: convert, calibrate, inspect, publish, demo, bench and eval.
 
 Each subcommand is one entry of `SUBCOMMANDS`: (name, help, add_arguments(parser), run(args) -> exit code). Bad
 arguments, paths or settings end with one line on stderr, `adaprune: error: ...`, and exit code 2; never a traceback.
@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from adaprune.configuration_adaprune import AnyResPruningSettings
 from adaprune.settings import setting_type
 
-from . import benchmark, demo
+from . import benchmark, demo, evaluation
 from .calibration import CalibrationError
 from .model_card import CALIBRATION_FILE, PublishError, publish_checkpoint
 from .workflow import (
@@ -243,6 +243,12 @@ SUBCOMMANDS: list[Subcommand] = [
         "measure speed, memory and budget cost against the stock model (writes tables and plots)",
         benchmark.add_arguments,
         benchmark.run,
+    ),
+    (
+        "eval",
+        "accuracy on the synthetic visual-question task, unpruned and at matched mean budgets (tables and a plot)",
+        evaluation.add_arguments,
+        evaluation.run,
     ),
 ]
 
