@@ -2,14 +2,14 @@
 
 Used by the tests and the demo: a word-level tokenizer, a stock `LlavaProcessor`, a stock
 `LlavaForConditionalGeneration` with seeded random weights, and synthetic images of clearly different density.
-`LLAVA15_GEOMETRY` has LLaVA-1.5's vision geometry (336 px, patch 14, 576 tokens, width 1024) with few layers;
-`DEMO_GEOMETRY` adds an 8-layer, 512-wide language model.
+`LLAVA15_GEOMETRY` has LLaVA-1.5's vision geometry (336 px, patch 14, 576 tokens, width 1024) with few layers. The
+built-in trained model is built from the same pieces (`builtin_llava.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -65,8 +65,6 @@ SMALL_GEOMETRY = Geometry()
 LLAVA15_GEOMETRY = Geometry(
     image_size=336, patch_size=14, vision_hidden=1024, vision_layers=2, vision_heads=16, vision_intermediate=1024
 )
-# LLaVA-1.5 vision geometry with a language model large enough that its prefill is a large share of the cost.
-DEMO_GEOMETRY = replace(LLAVA15_GEOMETRY, text_hidden=512, text_layers=8, text_heads=8, text_intermediate=1376)
 
 
 # LLaVA-1.5's conversation format: "USER: <image>\n{text} ASSISTANT:" (images first, then the text of the turn).
