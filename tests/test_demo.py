@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from support.cli import assert_nontrivial_png
+from test_builtin_model import LOOKUP_TYPES
 
 from adaprune.tools.cli import main
-from adaprune.tools.demo import demo_images
+from adaprune.tools.demo import BUILTIN_TARGET, demo_images, demo_scenes
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY
 
 TARGET = 12
@@ -53,3 +55,27 @@ def test_demo_converts_calibrates_and_inspects(
     for picture in ("budget_histogram.png", "energy_curves.png", "kept_patches.png"):
         assert (tmp_path / picture).is_file()
     assert len(re.findall(r"^  (?:pruned|unpruned) +\d+ ms  '", report, re.MULTILINE)) == 4
+
+
+def test_the_main_job_answers_its_scenes_on_the_built_in_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    scenes = demo_scenes()
+    rows = re.findall(r"^  (\S+\.png) +(.+?) +(\S+) +(\S+(?: ✗)?) +(\S+(?: ✗)?)$", report, re.MULTILINE)
+    assert [row[0] for row in rows] == list(scenes)
+    for name, question, right, _, unpruned in rows:
+        assert (question.strip(), right) == (scenes[name].question, scenes[name].answer)
+        if scenes[name].question_type in LOOKUP_TYPES:
+            assert unpruned == right, f"{name}: {question} -> {unpruned}, not {right}"
+
+    record = json.loads((tmp_path / "calibration.json").read_text())
+    assert abs(record["statistics"]["mean"] - BUILTIN_TARGET) <= 1
+    budgets = record["budgets"]
+    assert max(budgets[name] for name in scenes if name.startswith("sparse")) < min(
+        budgets[name] for name in scenes if name.startswith("dense")
+    )
+    inspected = re.findall(r"^== inspect (\S+)$", report, re.MULTILINE)
+    assert inspected[0].startswith("sparse") and inspected[1].startswith("dense")
+    for name in inspected:
+        assert f"  right answer: {scenes[name].answer!r}" in report
+        assert_nontrivial_png(tmp_path / f"{Path(name).stem}_kept_patches.png")
