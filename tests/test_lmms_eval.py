@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -32,14 +31,16 @@ def test_lmms_eval_resolves_the_model_name_to_the_plugin_class() -> None:
 def lmms_eval_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict]]:
     root = tmp_path_factory.mktemp("lmms")
     synthetic_vqa.write_lmms_eval_task(root / "tasks", QUESTIONS)
-    model_args = ",".join([f"pretrained={builtin_checkpoint()}", *(f"{key}={value}" for key, value in SETTINGS.items())])
+    model_args = ",".join(
+        [f"pretrained={builtin_checkpoint()}", *(f"{key}={value}" for key, value in SETTINGS.items())]
+    )
     command = [
         sys.executable, "-m", "lmms_eval", "--model", "adaprune", "--model_args", model_args,
         "--tasks", "adaprune_synthetic_vqa", "--include_path", str(root / "tasks"), "--batch_size", "16",
         "--output_path", str(root / "out"), "--log_samples", "--verbosity", "DEBUG",
     ]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf")}
-    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = [json.loads(path.read_text()) for path in (root / "out").rglob("*_results.json")]
     samples = [json.loads(line) for path in (root / "out").rglob("*_samples_*.jsonl") for line in path.open()]

@@ -43,9 +43,7 @@ def read_scene(pixels: np.ndarray) -> list[dict]:
             assert len(named) == 1, f"cell {row},{col} holds several object colours: {named}"
             mask = (cell == COLOURS[named[0]]).all(axis=-1)
             if WHITE in colours:
-                bits = tuple(
-                    "".join("1" if mask[3 + 2 * r, 5 + 2 * c] else "0" for c in range(3)) for r in range(5)
-                )
+                bits = tuple("".join("1" if mask[3 + 2 * r, 5 + 2 * c] else "0" for c in range(3)) for r in range(5))
                 digit = {glyph: name for name, glyph in synthetic_vqa.DIGIT_FONT.items()}[bits]
                 objects.append({"kind": "tile", "colour": named[0], "label": digit, "col": col})
             else:

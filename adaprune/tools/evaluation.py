@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from adaprune.methods import BUDGET_RULES, SELECTORS
@@ -92,7 +93,9 @@ def paired_difference(subject: Sequence[bool], reference: Sequence[bool]) -> dic
     """Accuracy of `subject` minus `reference` on the same questions, with a 95% interval from the per-question
     differences (normal approximation), and how many questions only one of them answered right."""
     if len(subject) != len(reference) or not subject:
-        raise ValueError(f"paired answers must be two equally long, non-empty lists; got {len(subject)} and {len(reference)}")
+        raise ValueError(
+            f"paired answers must be two equally long, non-empty lists; got {len(subject)} and {len(reference)}"
+        )
     differences = torch.tensor([float(a) - float(b) for a, b in zip(subject, reference)], dtype=torch.float64)
     n = len(differences)
     mean = float(differences.mean())
@@ -182,30 +185,53 @@ def matched_variants(
 
 
 def run_variant(
-    loaded: LoadedModel, variant: Variant, questions: Sequence[synthetic_vqa.Sample], batch_size: int
+    loaded: LoadedModel,
+    variant: Variant,
+    questions: Sequence[synthetic_vqa.Sample],
+    batch_size: int,
+    images: Sequence[Image.Image] | None = None,
 ) -> VariantRun:
-    """Greedy answers to every question under the variant's settings; kept tokens from the pruned image features."""
+    """Greedy answers to every question under the variant's settings, and the visual tokens each image kept in
+    the prefill. `images`: the questions' scenes, if already drawn."""
     model, processor = loaded.model, loaded.processor
-    for name, value in variant.settings.items():
-        setattr(model.config, name, value)
+    images = images if images is not None else [question.image() for question in questions]
     prompts = [prompt_for(processor, question.question) for question in questions]
     correct, kept, seconds = [], [], 0.0
-    for start in tqdm(range(0, len(questions), batch_size), desc=variant.name, unit="batch", leave=False):
-        batch = questions[start : start + batch_size]
-        inputs = processor(
-            images=[question.image() for question in batch],
-            text=prompts[start : start + batch_size],
-            padding=True,
-            return_tensors="pt",
-        ).to(model.device)
-        began = time.perf_counter()
-        with torch.inference_mode(), recorded_budgets(model) as recorded:
-            output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        seconds += time.perf_counter() - began
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct.extend(normalized(answer) == question.answer for answer, question in zip(answers, batch))
-        kept.extend(kept_tokens(model, inputs, recorded))
+    with pruning_settings(model, variant.settings):
+        for start in tqdm(range(0, len(questions), batch_size), desc=variant.name, unit="batch", leave=False):
+            batch = questions[start : start + batch_size]
+            inputs = processor(
+                images=list(images[start : start + batch_size]),
+                text=prompts[start : start + batch_size],
+                padding=True,
+                return_tensors="pt",
+            ).to(model.device)
+            began = time.perf_counter()
+            with torch.inference_mode(), recorded_budgets(model) as recorded:
+                output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            seconds += time.perf_counter() - began
+            answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct.extend(normalized(answer) == question.answer for answer, question in zip(answers, batch))
+            kept.extend(kept_tokens(model, inputs, recorded))
     return VariantRun(variant, correct, kept, seconds)
+
+
+@contextmanager
+def pruning_settings(model: Any, settings: Mapping[str, Any]) -> Iterator[None]:
+    """The model with these pruning settings on its config (read at every use), restored afterwards (a setting the
+    config did not have, e.g. of a method registered after loading, is removed again)."""
+    missing = object()
+    previous = {name: getattr(model.config, name, missing) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(model.config, name, value)
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is missing:
+                delattr(model.config, name)
+            else:
+                setattr(model.config, name, value)
 
 
 @contextmanager
@@ -283,28 +309,29 @@ def evaluate(
     targets: Sequence[float] = DEFAULT_TARGETS,
     min_tokens: int = 1,
     batch_size: int = 32,
+    label: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluates `source` on the first `questions` of the test split at every target mean; returns the results
-    (JSON-ready): settings, machine, calibrations, one summary per variant and the paired comparisons."""
+    (JSON-ready): settings, machine, calibrations, one summary per variant and the paired comparisons. `label`
+    names the model in the report (default: `source`)."""
     loaded = load_model(source, {})
     test = list(synthetic_vqa.samples("test", questions))
     calibration_set = list(synthetic_vqa.samples("calibration", calibration_questions))
     machine = machine_info(loaded.model.device)
-    curves = UnitCurves.from_images(
-        collect_energy_curves(loaded, questions_image_set(calibration_set), batch_size)
-    )
+    curves = UnitCurves.from_images(collect_energy_curves(loaded, questions_image_set(calibration_set), batch_size))
     variants, calibrations = matched_variants(curves, targets, min_tokens, log)
+    images = [question.image() for question in test]
     runs = []
     for variant in tqdm(variants, desc="variants", unit="variant"):
-        runs.append(run_variant(loaded, variant, test, batch_size))
+        runs.append(run_variant(loaded, variant, test, batch_size, images))
         summary = summarize(runs[-1], test)
         log(
             f"{variant.name:<26} target {variant.target or '-':>4}: accuracy {summary['accuracy']:.1%}, "
             f"kept {summary['kept_tokens']['mean']:.1f} ± {summary['kept_tokens']['std']:.1f} tokens"
         )
     return {
-        "model": source,
+        "model": label or source,
         "questions": questions,
         "calibration_questions": calibration_questions,
         "targets": list(targets),
@@ -354,7 +381,7 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         f"Command: `{results['command']}`",
         "",
         (
-            f"Model `{results['model']}`, {results['tokens_per_image']} visual tokens per image; "
+            f"Model: {results['model']}, {results['tokens_per_image']} visual tokens per image; "
             f"{results['questions']} test questions, τ calibrated on {results['calibration_questions']} other ones; "
             f"min_tokens {results['min_tokens']}. Accuracy is exact match with a 95% Wilson interval; Δ is the "
             "paired difference in percentage points with a 95% interval."
@@ -390,7 +417,14 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
                 f"### Mean of {target:g} kept tokens per image",
                 "",
                 markdown_table(
-                    ["variant", "accuracy", *densities, "kept tokens (mean ± sd [min, max])", "Δ accuracy", "ms / question"],
+                    [
+                        "variant",
+                        "accuracy",
+                        *densities,
+                        "kept tokens (mean ± sd [min, max])",
+                        "Δ accuracy",
+                        "ms / question",
+                    ],
                     rows,
                 ),
                 "",
@@ -466,7 +500,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per batch (default 32)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/eval"), help="default outputs/eval")
     parser.add_argument(
-        "--document", type=Path, help="also write the report between the results markers of this file (docs/ACCURACY.md)"
+        "--document",
+        type=Path,
+        help="also write the report between the results markers of this file (docs/ACCURACY.md)",
     )
 
 
@@ -474,9 +510,12 @@ def run(args: argparse.Namespace) -> int:
     from .builtin_llava import builtin_checkpoint
 
     if args.document is not None and BEGIN not in (args.document.read_text() if args.document.is_file() else ""):
-        raise UsageError(f"--document {str(args.document)!r} has no results markers; add the line {BEGIN!r} and {END!r}")
+        raise UsageError(
+            f"--document {str(args.document)!r} has no results markers; add the line {BEGIN!r} and {END!r}"
+        )
     results = evaluate(
         args.model or str(builtin_checkpoint()),
+        label=args.model or "the built-in model (adaprune/tools/builtin_llava)",
         questions=args.questions,
         calibration_questions=args.calibration_questions,
         targets=args.targets,

@@ -109,7 +109,9 @@ class AdaPruneLmms(lmms):
         progress.close()
         if self.kept_tokens:
             mean = sum(self.kept_tokens) / len(self.kept_tokens)
-            logger.info(f"adaprune: {mean:.1f} visual tokens kept per image on average ({len(self.kept_tokens)} images)")
+            logger.info(
+                f"adaprune: {mean:.1f} visual tokens kept per image on average ({len(self.kept_tokens)} images)"
+            )
             log_metrics(0.0, 0, 0.0, additional_metrics={"mean_kept_tokens": mean})
         return answers
 
@@ -122,9 +124,9 @@ class AdaPruneLmms(lmms):
             visuals.extend(images)
             prompts.append(conversation_prompt(self.processor, context, len(images)))
         options, stops = generation_options(batch[0].args[1])
-        inputs = self.processor(
-            images=visuals or None, text=prompts, padding=True, return_tensors="pt"
-        ).to(self.model.device)
+        inputs = self.processor(images=visuals or None, text=prompts, padding=True, return_tensors="pt").to(
+            self.model.device
+        )
         with torch.inference_mode(), recorded_budgets(self.model) as recorded:
             output = self.model.generate(**inputs, **options)
         if visuals:

@@ -123,7 +123,12 @@ def _background(density: str, rng: np.random.Generator) -> dict[str, Any]:
     if density == "sparse":
         return {"kind": "plain", "grey": base}
     if density == "medium":
-        return {"kind": "gradient", "grey": base, "rise": int(rng.integers(30, 80)), "vertical": bool(rng.random() < 0.5)}
+        return {
+            "kind": "gradient",
+            "grey": base,
+            "rise": int(rng.integers(30, 80)),
+            "vertical": bool(rng.random() < 0.5),
+        }
     return {"kind": "clutter", "grey": base, "seed": int(rng.integers(2**31))}
 
 
@@ -246,9 +251,7 @@ def _question(question_type: str, total: int, scene: _Scene) -> tuple[str, str, 
     # position: two shapes with unique (colour, shape) in different columns
     first_col = int(rng.integers(0, GRID))
     left_side = first_col < GRID - 1 and (first_col == 0 or rng.random() < 0.5)
-    (colour_a, shape_a), (colour_b, shape_b) = (
-        (_pick(rng, COLOURS), _pick(rng, SHAPES)) for _ in range(2)
-    )
+    (colour_a, shape_a), (colour_b, shape_b) = ((_pick(rng, COLOURS), _pick(rng, SHAPES)) for _ in range(2))
     while (colour_b, shape_b) == (colour_a, shape_a):
         colour_b, shape_b = _pick(rng, COLOURS), _pick(rng, SHAPES)
     first = scene.place("shape", colour_a, shape_a, (first_col, first_col))
