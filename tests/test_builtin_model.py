@@ -41,7 +41,9 @@ def test_the_shipped_checkpoint_is_a_small_stock_llava() -> None:
 def test_the_shipped_model_answers_held_out_questions_with_all_tokens() -> None:
     loaded = load_model(str(builtin_checkpoint()), {})
     questions = list(synthetic_vqa.samples("test", HELD_OUT))
-    run = run_variant(loaded, Variant("all tokens", {"enabled": False}), questions, batch_size=50)
+    run = run_variant(
+        loaded.model, loaded.processor, Variant("all tokens", {"enabled": False}), questions, batch_size=50
+    )
     assert set(run.kept_tokens) == {synthetic_vqa.GRID**2}
     by_type = {
         kind: proportion([ok for ok, item in zip(run.correct, questions) if item.question_type == kind]).value

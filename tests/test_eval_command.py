@@ -115,7 +115,7 @@ def test_a_registered_rule_is_evaluated_without_new_code() -> None:
         variants, _ = matched_variants(curves, [8], 1, print)
         toy = [variant for variant in variants if variant.rule == "toy_tokens"]
         assert [variant.selector for variant in toy] == list(SELECTORS)
-        run = run_variant(loaded, toy[0], list(synthetic_vqa.samples("test", 4)), batch_size=4)
+        run = run_variant(loaded.model, loaded.processor, toy[0], list(synthetic_vqa.samples("test", 4)), batch_size=4)
     assert run.kept_tokens == [8] * 4
     # a rule that declares no way to meet a target is reported and left out, never run at the wrong budget
     assert "toy_halving" not in {variant.rule for variant in variants}

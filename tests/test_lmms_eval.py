@@ -52,7 +52,9 @@ def test_lmms_eval_scores_every_question_as_adaprune_eval_does(lmms_eval_run: tu
     results, samples = lmms_eval_run
     questions = list(synthetic_vqa.samples("test", QUESTIONS))
     loaded = load_model(str(builtin_checkpoint()), {})
-    ours = run_variant(loaded, Variant("fixed", {"enabled": True, **SETTINGS}), questions, batch_size=16)
+    ours = run_variant(
+        loaded.model, loaded.processor, Variant("fixed", {"enabled": True, **SETTINGS}), questions, batch_size=16
+    )
     theirs = {sample["doc_id"]: bool(sample["exact_match"]) for sample in samples}
     assert [theirs[index] for index in range(QUESTIONS)] == ours.correct
     score = results["results"]["adaprune_synthetic_vqa"]["exact_match,none"]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel, ProcessorMixin
 
 from adaprune.methods import BUDGET_RULES, SELECTORS
 
@@ -40,7 +41,6 @@ from .calibration import CalibrationError, UnitCurves, settings_for_target
 from .reporting import machine_info, markdown_table, replace_between
 from .workflow import (
     ImageSet,
-    LoadedModel,
     UsageError,
     collect_energy_curves,
     load_model,
@@ -185,15 +185,15 @@ def matched_variants(
 
 
 def run_variant(
-    loaded: LoadedModel,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
     variant: Variant,
     questions: Sequence[synthetic_vqa.Sample],
     batch_size: int,
     images: Sequence[Image.Image] | None = None,
 ) -> VariantRun:
-    """Greedy answers to every question under the variant's settings, and the visual tokens each image kept in
-    the prefill. `images`: the questions' scenes, if already drawn."""
-    model, processor = loaded.model, loaded.processor
+    """Greedy answers to every question under the variant's settings (a stock model takes none), and the visual
+    tokens each image kept in the prefill. `images`: the questions' scenes, if already drawn."""
     images = images if images is not None else [question.image() for question in questions]
     prompts = [prompt_for(processor, question.question) for question in questions]
     correct, kept, seconds = [], [], 0.0
@@ -324,7 +324,7 @@ def evaluate(
     images = [question.image() for question in test]
     runs = []
     for variant in tqdm(variants, desc="variants", unit="variant"):
-        runs.append(run_variant(loaded, variant, test, batch_size, images))
+        runs.append(run_variant(loaded.model, loaded.processor, variant, test, batch_size, images))
         summary = summarize(runs[-1], test)
         log(
             f"{variant.name:<26} target {variant.target or '-':>4}: accuracy {summary['accuracy']:.1%}, "

@@ -44,6 +44,7 @@ from transformers import LlavaForConditionalGeneration
 
 from . import synthetic_vqa
 from .builtin_llava import BUILTIN_DIRECTORY, BUILTIN_GEOMETRY, build_builtin_processor
+from .evaluation import Variant, run_variant, summarize
 from .tiny_llava import build_config
 
 PAIRS = [(colour, shape) for colour in synthetic_vqa.COLOURS for shape in synthetic_vqa.SHAPES]
@@ -231,25 +232,13 @@ def losses(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor])
     return answer_loss, alignment_loss
 
 
-@torch.no_grad()
-def accuracy(model: LlavaForConditionalGeneration, processor, split: str, count: int, batch_size: int = 64) -> dict:
+def accuracy(model: LlavaForConditionalGeneration, processor, split: str, count: int) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on the first `count` samples of `split` (all visual tokens), overall
-    and per question type."""
-    hits: dict[str, list[bool]] = {}
-    for start in range(0, count, batch_size):
-        items = list(synthetic_vqa.samples(split, min(batch_size, count - start), start))
-        inputs = processor(
-            images=[item.image() for item in items],
-            text=[item.prompt for item in items],
-            padding=True,
-            return_tensors="pt",
-        )
-        output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for answer, item in zip(answers, items):
-            hits.setdefault(item.question_type, []).append(answer.strip() == item.answer)
-    overall = sum(sum(values) for values in hits.values()) / count
-    return {"all": round(overall, 4), **{name: round(sum(v) / len(v), 3) for name, v in sorted(hits.items())}}
+    and per question type, as `adaprune eval` scores them."""
+    questions = list(synthetic_vqa.samples(split, count))
+    summary = summarize(run_variant(model, processor, Variant("all tokens", {}), questions, batch_size=64), questions)
+    by_type = {kind: round(entry["accuracy"], 3) for kind, entry in summary["by_type"].items()}
+    return {"all": round(summary["accuracy"], 4), **by_type}
 
 
 class BatchStream(torch.utils.data.IterableDataset):
