@@ -24,17 +24,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .evaluation import kept_tokens, recorded_budgets
-from .workflow import load_model
+from .workflow import load_model, prompt_for
 
 DEFAULT_MAX_NEW_TOKENS = 128
-
-
-def conversation_prompt(processor: Any, text: str, images: int) -> str:
-    """The checkpoint's chat format for one user turn with `images` images and `text`, ready for the answer."""
-    content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return f"USER: {'<image>' * images} {text} ASSISTANT:"
 
 
 def generation_options(gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -93,19 +85,20 @@ class AdaPruneLmms(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers in request order; requests are batched by equal generation options and image count."""
+        visuals = [self._visuals(request) for request in requests]
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
-            _, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            images = len(doc_to_visual(self.task_dict[task][split][doc_id]))
-            groups.setdefault(json.dumps([gen_kwargs, images], sort_keys=True, default=str), []).append(index)
+            key = json.dumps([request.args[1], len(visuals[index])], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(index)
         answers: list[str] = [""] * len(requests)
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="adaprune")
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):
-                batch = [requests[index] for index in indices[start : start + self.batch_size]]
-                for index, answer in zip(indices[start : start + self.batch_size], self._answer(batch)):
+                chunk = indices[start : start + self.batch_size]
+                batch_answers = self._answer([requests[index] for index in chunk], [visuals[index] for index in chunk])
+                for index, answer in zip(chunk, batch_answers):
                     answers[index] = answer
-                progress.update(len(batch))
+                progress.update(len(chunk))
         progress.close()
         if self.kept_tokens:
             mean = sum(self.kept_tokens) / len(self.kept_tokens)
@@ -115,21 +108,22 @@ class AdaPruneLmms(lmms):
             log_metrics(0.0, 0, 0.0, additional_metrics={"mean_kept_tokens": mean})
         return answers
 
-    def _answer(self, batch: list[Instance]) -> list[str]:
-        visuals: list[Image.Image] = []
-        prompts = []
-        for request in batch:
-            context, _, doc_to_visual, doc_id, task, split = request.args
-            images = [image.convert("RGB") for image in doc_to_visual(self.task_dict[task][split][doc_id])]
-            visuals.extend(images)
-            prompts.append(conversation_prompt(self.processor, context, len(images)))
+    def _visuals(self, request: Instance) -> list[Image.Image]:
+        """The request's images (lmms-eval's `doc_to_visual` of its document), as RGB."""
+        _, _, doc_to_visual, doc_id, task, split = request.args
+        return [image.convert("RGB") for image in doc_to_visual(self.task_dict[task][split][doc_id])]
+
+    def _answer(self, batch: list[Instance], visuals: list[list[Image.Image]]) -> list[str]:
+        """Greedy or sampled answers to one batch of requests sharing generation options and image count."""
+        prompts = [prompt_for(self.processor, request.args[0], len(images)) for request, images in zip(batch, visuals)]
+        images = [image for request_images in visuals for image in request_images]
         options, stops = generation_options(batch[0].args[1])
-        inputs = self.processor(images=visuals or None, text=prompts, padding=True, return_tensors="pt").to(
+        inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(
             self.model.device
         )
         with torch.inference_mode(), recorded_budgets(self.model) as recorded:
             output = self.model.generate(**inputs, **options)
-        if visuals:
+        if images:
             self.kept_tokens.extend(kept_tokens(self.model, inputs, recorded))
         texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         answers = [cut_at(text, stops) for text in texts]

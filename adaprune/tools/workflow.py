@@ -504,12 +504,13 @@ def _store_calibration(checkpoint: Path, record: dict[str, Any]) -> list[Path]:
     return [config_path, write_calibration_record(checkpoint, record), write_model_card(checkpoint)]
 
 
-def prompt_for(processor: ProcessorMixin, question: str) -> str:
-    """The model's chat format when it has one, else LLaVA-1.5's plain USER/ASSISTANT format."""
+def prompt_for(processor: ProcessorMixin, question: str, images: int = 1) -> str:
+    """One user turn with `images` images and `question`, ready for the answer: the model's chat format when it has
+    one, else LLaVA-1.5's plain USER/ASSISTANT format."""
     if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image> {question} ASSISTANT:"
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return f"USER: {'<image> ' * images}{question} ASSISTANT:"
 
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
