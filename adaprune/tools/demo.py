@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import synthetic_vqa
 from .builtin_llava import builtin_checkpoint
-from .evaluation import normalized
+from .evaluation import normalized, pruning_settings
 from .tiny_llava import sample_images
 from .workflow import (
     DEFAULT_PROMPT,
@@ -98,11 +98,9 @@ def answer_scenes(loaded: LoadedModel, images_dir: Path, scenes: dict[str, synth
     )
     answers = {}
     for label, enabled in (("pruned", True), ("unpruned", False)):
-        model.config.enabled = enabled
-        with torch.no_grad():
+        with torch.no_grad(), pruning_settings(model, {"enabled": enabled}):
             output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         answers[label] = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    model.config.enabled = True
     width = max(len(scene.question) for scene in scenes.values())
     print(f"  {'image':<14} {'question':<{width}} {'right':<8} {'pruned':<10} unpruned")
     for row, (name, scene) in enumerate(scenes.items()):

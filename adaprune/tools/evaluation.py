@@ -37,6 +37,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from adaprune.methods import BUDGET_RULES, SELECTORS
 
 from . import synthetic_vqa
+from .builtin_llava import builtin_checkpoint
 from .calibration import CalibrationError, UnitCurves, settings_for_target
 from .reporting import machine_info, markdown_table, replace_between
 from .workflow import (
@@ -507,8 +508,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .builtin_llava import builtin_checkpoint
-
     if args.document is not None and BEGIN not in (args.document.read_text() if args.document.is_file() else ""):
         raise UsageError(
             f"--document {str(args.document)!r} has no results markers; add the line {BEGIN!r} and {END!r}"
