@@ -132,3 +132,11 @@ def test_a_registered_rule_is_evaluated_without_new_code() -> None:
 def test_bad_arguments_end_with_one_line(argv: list[str], message: str) -> None:
     code, _, err = run_cli(["eval", *argv])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_document_without_results_markers_is_refused_before_evaluating(tmp_path: Path) -> None:
+    document = tmp_path / "ACCURACY.md"
+    document.write_text("# no markers here\n")
+    code, out, err = run_cli(["eval", "--questions", 1, "--document", document])
+    assert code == 2 and "has no results markers; add the line" in err and len(err.strip().splitlines()) == 1
+    assert out == "" and document.read_text() == "# no markers here\n"
