@@ -26,6 +26,7 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers import LlavaModel
+from transformers.masking_utils import create_causal_mask
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
 MINIMUM_TRANSFORMERS = "5.19"
@@ -109,6 +110,29 @@ def model_output_fields(output: Any) -> dict[str, Any]:
     return fields
 
 
+_MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def causal_mask_for_layer(
+    config: Any,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Any,
+    position_ids: torch.Tensor | None,
+    layer_idx: int,
+) -> Any:
+    """The causal attention mask (in the format of the model's attention backend) for decoder layer `layer_idx`
+    over its own cache plus `inputs_embeds`' tokens, from a 2-D (batch, cache + new) padding mask."""
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        layer_idx=layer_idx,
+        **{_MASK_CACHE_ARGUMENT: cache},
+    )
+
+
 try:
     from transformers.modeling_utils import slice_logits_to_keep
 except ImportError:  # before 5.21
@@ -151,6 +175,7 @@ __all__ = [
     "TRANSFORMERS_REQUIREMENT",
     "UntestedTransformersWarning",
     "cache_argument",
+    "causal_mask_for_layer",
     "check_transformers_version",
     "image_output_fields",
     "model_output_fields",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import Field, dataclass
 from typing import Any, ClassVar
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaNextConfig
 
@@ -41,6 +42,19 @@ class CoreSettings(Settings):
         "most at the feature layer, mean over heads, from that layer's own queries and keys so the tower stays on "
         "SDPA) or 'uniform' (evenly spaced in raster order)",
         choices=lambda: SELECTORS,
+    )
+    vision_stage_selector: str = setting(
+        "none",
+        "with an in-LLM selector: 'none' (the language model receives every visual token) or a vision-stage "
+        "selector ('cls_attention', 'uniform') that first keeps vision_stage_tokens of each image, so both stages "
+        "prune",
+        choices=lambda: ["none", *(name for name, method in SELECTORS.items() if method.stage == "vision")],
+    )
+    vision_stage_tokens: int = setting(
+        288,
+        "with a vision_stage_selector: the tokens of each image (LLaVA-NeXT: budget unit) the vision stage keeps; "
+        "the in-LLM selector then keeps the budget among them",
+        minimum=1,
     )
     position_policy: str = setting(
         "compact",
@@ -115,6 +129,12 @@ class PruningSettings:
         }
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_groups", groups)
+        if self.token_selector.stage == "vision" and self.vision_stage_selector != "none":
+            raise ValueError(
+                f"vision_stage_selector={self.vision_stage_selector!r} adds a vision stage to an in-LLM selector, but "
+                f"selector={self.selector!r} already prunes at the vision stage; set vision_stage_selector='none' "
+                "or choose an in-LLM selector"
+            )
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -145,6 +165,23 @@ class PruningSettings:
     def token_selector(self) -> TokenSelector:
         """The chosen selector (`selector`) with its parameters."""
         return self._groups[SELECTORS[self.selector]]
+
+    @property
+    def vision_selector(self) -> TokenSelector | None:
+        """The selector of the vision stage: the chosen one if it runs there, else `vision_stage_selector`'s
+        (None: the vision stage keeps every token for the in-LLM selector)."""
+        if self.token_selector.stage == "vision":
+            return self.token_selector
+        if self.vision_stage_selector == "none":
+            return None
+        return self._groups[SELECTORS[self.vision_stage_selector]]
+
+    def vision_stage_budgets(self, budgets: torch.Tensor, n_tokens: int) -> torch.LongTensor:
+        """How many of a unit's `n_tokens` the vision stage keeps, given the units' final `budgets`."""
+        if self.token_selector.stage == "vision":
+            return budgets
+        kept = n_tokens if self.vision_stage_selector == "none" else min(self.vision_stage_tokens, n_tokens)
+        return torch.full_like(budgets, kept)
 
     @property
     def spectrum(self) -> SpectrumSettings:

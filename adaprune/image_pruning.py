@@ -18,7 +18,10 @@ from .token_selection import kept_indices_from_mask
 
 @dataclass(frozen=True)
 class ImagePruning:
-    """Budgets (n,) and ascending kept indices (one tensor per unit) for n units of N tokens each."""
+    """Budgets (n,) and ascending kept indices (one tensor per unit) for n units of N tokens each.
+
+    With an in-LLM selector the kept indices are the vision stage's (every token, unless a vision stage is
+    composed) and the budgets what the in-LLM selector keeps among them."""
 
     token_budgets: torch.LongTensor
     kept_indices: list[torch.LongTensor]
@@ -49,15 +52,22 @@ class UnitGroup:
 
 def _budgets_keep_finite(
     group: UnitGroup, settings: PruningSettings
-) -> tuple[torch.LongTensor, torch.BoolTensor, torch.BoolTensor]:
-    """Device-side part of pruning one group: budgets (n,), keep mask (n, N) and finiteness flags (n,)."""
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor, torch.BoolTensor]:
+    """Device-side part of pruning one group: final budgets (n,), vision-stage budgets (n,), the vision stage's keep
+    mask (n, N) and finiteness flags (n,)."""
     spectrum_features = group.spectrum_features.detach()
     finite = torch.stack(
         [tensor.detach().isfinite().flatten(1).all(-1) for tensor in (spectrum_features, *group.checked_features)]
     ).all(0)
     budgets = settings.budget_rule.budgets(torch.nan_to_num(spectrum_features))
-    keep = settings.token_selector.keep_mask({"features": spectrum_features, **group.signals}, budgets)
-    return budgets, keep, finite
+    n_units, n_tokens = spectrum_features.shape[:2]
+    vision_budgets = settings.vision_stage_budgets(budgets, n_tokens)
+    selector = settings.vision_selector
+    if selector is None:
+        keep = torch.ones(n_units, n_tokens, dtype=torch.bool, device=spectrum_features.device)
+    else:
+        keep = selector.keep_mask({"features": spectrum_features, **group.signals}, vision_budgets)
+    return budgets.clamp_max(vision_budgets), vision_budgets, keep, finite
 
 
 def prune_groups(groups: Sequence[UnitGroup], settings: PruningSettings) -> list[ImagePruning]:
@@ -68,8 +78,8 @@ def prune_groups(groups: Sequence[UnitGroup], settings: PruningSettings) -> list
     device_parts = [_budgets_keep_finite(group, settings) for group in groups]
     if not device_parts:
         return []
-    host_budgets, host_finite = torch.cat(
-        [torch.stack([budgets, finite.long()]) for budgets, _, finite in device_parts], dim=1
+    host_kept, host_finite = torch.cat(
+        [torch.stack([vision_budgets, finite.long()]) for _, vision_budgets, _, finite in device_parts], dim=1
     ).tolist()
     unit_images = [
         image
@@ -83,10 +93,10 @@ def prune_groups(groups: Sequence[UnitGroup], settings: PruningSettings) -> list
             "check their pixel_values, and for float16 models try bfloat16 or float32"
         )
     prunings, start = [], 0
-    for budgets, keep, _ in device_parts:
-        group_budgets = host_budgets[start : start + len(budgets)]
+    for budgets, _, keep, _ in device_parts:
+        group_kept = host_kept[start : start + len(budgets)]
         start += len(budgets)
-        padded, kept_indices = kept_indices_from_mask(keep, group_budgets)
+        padded, kept_indices = kept_indices_from_mask(keep, group_kept)
         prunings.append(ImagePruning(token_budgets=budgets, kept_indices=kept_indices, padded_kept_indices=padded))
     return prunings
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 from .method_cls_attention import ClsAttentionSelector
 from .method_energy import EnergyBudget
+from .method_fastv import FastVSelector
 from .method_fixed import FixedBudget
 from .method_uniform import UniformSelector
 from .settings import BudgetRule, PruningMethod, TokenSelector
@@ -71,3 +72,4 @@ register(EnergyBudget)
 register(FixedBudget)
 register(ClsAttentionSelector)
 register(UniformSelector)
+register(FastVSelector)

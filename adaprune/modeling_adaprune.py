@@ -157,6 +157,13 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
 
+    def _check_pruning(self, settings: AnyResPruningSettings, text_config: Any) -> None:
+        if settings.token_selector.stage == "language":
+            raise ValueError(
+                f"selector={settings.selector!r} prunes inside the language model, which is built for LLaVA (1.5) "
+                "models so far, not LLaVA-NeXT; use selector='cls_attention' or 'uniform'"
+            )
+
     def _stock_image_features(self, **stock_kwargs: Any) -> BaseModelOutputWithPooling:
         if stock_kwargs.get("image_sizes") is None:
             raise ValueError(

@@ -74,6 +74,7 @@ class PrunedGenerationMixin:
             pruned_position_ids=getattr(outputs, "pruned_position_ids", None),
             source_index=getattr(outputs, "source_index", None),
             token_budgets=getattr(outputs, "token_budgets", None),
+            kept_indices_by_layer=getattr(outputs, "kept_indices_by_layer", None),
         )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -91,9 +92,10 @@ class PrunedGenerationMixin:
                     )
         cache = pop_cache(kwargs)
         state = pruning_state_of(cache)
-        if state is None:
-            return super().generate(*args, **cache_argument(cache), **kwargs)  # type: ignore[misc]
-        return self._generate_from_pruned_cache(cache, state, *args, **kwargs)
+        with self.model.holding_language_selections():
+            if state is None:
+                return super().generate(*args, **cache_argument(cache), **kwargs)  # type: ignore[misc]
+            return self._generate_from_pruned_cache(cache, state, *args, **kwargs)
 
     def _generate_from_pruned_cache(self, cache: Any, state: PruningState, *args: Any, **kwargs: Any) -> Any:
         """Continues a conversation from a cache that a pruned prefill filled, as with the stock model: the caller

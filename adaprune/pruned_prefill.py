@@ -3,6 +3,8 @@ dropped placeholders removed from the batch, and the cache's pruning state for t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -17,14 +19,18 @@ from .compat import (
     pop_cache,
 )
 from .configuration_adaprune import PruningSettings
+from .decoder_pruning import ImageTokens, LayerCut, check_prune_layer, continuing_pruned_cache, pruning_inside
 from .pruning_outputs import AdaPruneImageFeaturesOutput, is_pruned
 from .sequence_compaction import (
+    Compaction,
+    CompactionPlan,
     PruningState,
     compacted_position_ids,
     left_compaction,
     placeholder_keep_flags,
     prefill_state,
 )
+from .token_selection import kept_indices_from_mask
 from .vision_probes import TowerFeatures, capturing_cls_attention, cls_attention_module
 
 
@@ -37,8 +43,13 @@ class PrunedPrefillMixin:
     model_output_class: type[ModelOutput]
 
     def __init__(self, config: Any) -> None:
-        config.pruning  # noqa: B018 - settings passed to from_pretrained bypass the config's own check
+        self._check_pruning(config.pruning, config.text_config)  # from_pretrained's settings bypass the config check
         super().__init__(config)
+
+    def _check_pruning(self, settings: PruningSettings, text_config: Any) -> None:
+        """Raises ValueError for settings this model cannot run (e.g. an in-LLM layer it does not have)."""
+        if settings.token_selector.stage == "language":
+            check_prune_layer(text_config, settings.token_selector.prune_layer)
 
     def _feature_choice(
         self, vision_feature_layer: int | list[int] | None, vision_feature_select_strategy: str | None
@@ -75,8 +86,10 @@ class PrunedPrefillMixin:
         )
         if not settings.enabled:
             return self._stock_image_features(**stock_kwargs)
+        self._check_pruning(settings, self.config.text_config)
         signals: dict[str, torch.Tensor] = {}
-        if "cls_attention" in settings.token_selector.required_signals:
+        vision_selector = settings.vision_selector
+        if vision_selector is not None and "cls_attention" in vision_selector.required_signals:
             with capturing_cls_attention(cls_attention_module(self.vision_tower, layer)) as signals:
                 output = self._stock_image_features(**stock_kwargs)
             if strategy == "default":
@@ -160,20 +173,23 @@ class PrunedPrefillMixin:
         image_output = mm_encoder_outputs.get("image")
         state = pruning_state_of(cache)
         if not is_pruned(image_output):
+            continuation = nullcontext()
             if state is not None:
-                new_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+                new_shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+                continuation = continuing_pruned_cache(self.language_model, state, cache, attention_mask, new_shape)
                 attention_mask, position_ids = state.step_inputs(
-                    attention_mask, position_ids, tuple(new_shape), cache.get_seq_length()
+                    attention_mask, position_ids, new_shape, cache.get_seq_length()
                 )
-            return super().forward(  # type: ignore[misc]
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                mm_encoder_outputs=mm_encoder_outputs or None,
-                **cache_argument(cache),
-                **kwargs,
-            )
+            with continuation:
+                return super().forward(  # type: ignore[misc]
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    inputs_embeds=inputs_embeds,
+                    mm_encoder_outputs=mm_encoder_outputs or None,
+                    **cache_argument(cache),
+                    **kwargs,
+                )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         _check_prefill_cache(cache)
@@ -198,18 +214,29 @@ class PrunedPrefillMixin:
 
         keep = attention_mask.bool() & (~placeholders | kept_placeholders)
         plan = left_compaction(keep)
-        policy = self.config.pruning.position_policy
-        positions = compacted_position_ids(plan, keep, attention_mask, position_ids, policy)
-        outputs = self.language_model(
-            inputs_embeds=plan.gather(inputs_embeds),
-            attention_mask=plan.attention_mask,
-            position_ids=positions,
-            **cache_argument(cache),
-            **kwargs,
-        )
+        settings = self.config.pruning
+        positions = compacted_position_ids(plan, keep, attention_mask, position_ids, settings.position_policy)
+        state = prefill_state(plan, keep, attention_mask, settings.position_policy)
+        kept_by_layer = {0: image_output.kept_indices}
+        with self._language_stage(settings, image_output, placeholders, plan, cache) as cut:
+            outputs = self.language_model(
+                inputs_embeds=plan.gather(inputs_embeds),
+                attention_mask=plan.attention_mask,
+                position_ids=positions,
+                **cache_argument(cache),
+                **kwargs,
+            )
+        if cut is not None:
+            if self._held_selections is not None:
+                self._held_selections.setdefault(id(image_output), cut.keep)
+            layer = settings.token_selector.prune_layer
+            state = state.then(Compaction(layer, cut.plan))
+            positions = cut.plan.gather(positions)
+            plan = plan.then(cut.plan)
+            kept_by_layer[layer] = kept_indices_from_mask(cut.keep, image_output.token_budgets.tolist())[1]
         new_cache = output_cache(outputs)
         if new_cache is not None:
-            setattr(new_cache, PRUNING_STATE_ATTRIBUTE, prefill_state(plan, keep, attention_mask, policy))
+            setattr(new_cache, PRUNING_STATE_ATTRIBUTE, state)
         return self.model_output_class(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
@@ -220,7 +247,48 @@ class PrunedPrefillMixin:
             pruned_position_ids=positions,
             source_index=plan.source_index,
             token_budgets=image_output.token_budgets,
+            kept_indices_by_layer=kept_by_layer,
         )
+
+    def _language_stage(
+        self,
+        settings: PruningSettings,
+        image_output: AdaPruneImageFeaturesOutput,
+        placeholders: torch.Tensor,
+        plan: CompactionPlan,
+        cache: Any,
+    ) -> AbstractContextManager[LayerCut | None]:
+        """With an in-LLM selector, the hooks that prune inside the language model during this prefill (the
+        batch as `plan` compacted it); else nothing."""
+        selector = settings.token_selector
+        if selector.stage != "language":
+            return nullcontext()
+        tokens_per_image = image_output.tokens_per_image
+        tokens = ImageTokens.from_placeholders(placeholders, tokens_per_image).compacted(plan)
+        held = None if self._held_selections is None else self._held_selections.get(id(image_output))
+        return pruning_inside(
+            self.language_model,
+            selector,
+            image_output.token_budgets,
+            tokens,
+            max(tokens_per_image),
+            plan.attention_mask,
+            cache,
+            held_keep=held,
+        )
+
+    _held_selections: dict[int, torch.Tensor] | None = None
+
+    @contextmanager
+    def holding_language_selections(self) -> Iterator[None]:
+        """Within the block (one `generate()` call), the first prefill on an image batch fixes the in-LLM
+        selection for it: steps that run the whole sequence again (`use_cache=False`) drop the same tokens as the
+        prefill did, as with a cache, instead of choosing anew for a longer prompt."""
+        self._held_selections = {}
+        try:
+            yield
+        finally:
+            self._held_selections = None
 
 
 PRUNING_STATE_ATTRIBUTE = "adaprune_pruning_state"

@@ -22,9 +22,10 @@ from transformers.models.llava_next.modeling_llava_next import (
 class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
     """`get_image_features` output: `pooler_output` holds each image's kept projected features.
 
-    token_budgets: (n_images,) number of tokens each image keeps.
-    kept_indices: per image, the ascending indices of its kept tokens among its unpruned tokens (for LLaVA-NeXT,
-        positions in its packed sequence, kept newline tokens included).
+    token_budgets: (n_images,) number of tokens each image keeps (with an in-LLM selector: from its layer K on).
+    kept_indices: per image, the ascending indices of the tokens the vision stage keeps among its unpruned tokens
+        (for LLaVA-NeXT, positions in its packed sequence, kept newline tokens included); with an in-LLM selector
+        and no vision stage, every token.
     tokens_per_image: per image, its number of unpruned tokens (= its placeholders in the prompt).
     visual_tokens_per_image: per image, the tokens its budget is drawn from (LLaVA-NeXT: without the newlines).
     """
@@ -47,13 +48,16 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
 
 @dataclass
 class PrunedSequenceFields:
-    """How the prefill batch was compacted: the mask and positions the language model saw, and for each of its
-    positions the position of the caller's sequence it came from (`source_index`, -1 at added padding)."""
+    """How the prefill batch was compacted: the mask and positions the language model's last layer saw, and for
+    each of its positions the position of the caller's sequence it came from (`source_index`, -1 at added
+    padding). `kept_indices_by_layer` says which of each image's tokens every pruning stage kept: layer 0 (before
+    the language model) and, with an in-LLM selector, its layer K (indices among the image's unpruned tokens)."""
 
     pruned_attention_mask: torch.LongTensor | None = None
     pruned_position_ids: torch.LongTensor | None = None
     source_index: torch.LongTensor | None = None
     token_budgets: torch.LongTensor | None = None
+    kept_indices_by_layer: dict[int, list[torch.LongTensor]] | None = None
 
 
 @dataclass

@@ -148,9 +148,11 @@ class BudgetRule(PruningMethod):
 @dataclass(frozen=True)
 class TokenSelector(PruningMethod):
     """Which tokens each budget unit keeps (`selector`). `required_signals` names what the model must compute
-    besides the features (e.g. the vision tower's [CLS] attention)."""
+    besides the features (e.g. the vision tower's [CLS] attention). `stage` says where it runs: "vision" on the
+    image features before the language model, "language" inside it (`LanguageModelSelector`)."""
 
     required_signals: ClassVar[frozenset[str]] = frozenset()
+    stage: ClassVar[str] = "vision"
 
     def keep_mask(self, signals: dict[str, torch.Tensor], budgets: torch.Tensor) -> torch.Tensor:
         """(n, N) bool: which of each unit's N tokens to keep, `budgets[i]` of them. `signals["features"]` holds
@@ -158,8 +160,31 @@ class TokenSelector(PruningMethod):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class LanguageModelSelector(TokenSelector):
+    """A selector that prunes inside the language model: during prefill, the visual tokens it drops leave the
+    sequence before decoder layer `prune_layer` (K), so layers from K on run on the shorter sequence and cache only
+    the kept tokens, while layers below K see and cache every token.
+
+    Its signals describe each image's N tokens as they enter layer K, from the layers below: `"present"` (n, N)
+    marks the tokens still in the sequence (a vision stage may have dropped some), and the budgets never exceed
+    their count; `"prompt_attention"` (n, N) is the attention of the prompt's last token to each of them at layer
+    K - 1, averaged over heads (-inf where not present)."""
+
+    stage: ClassVar[str] = "language"
+    required_signals: ClassVar[frozenset[str]] = frozenset({"prompt_attention"})
+
+    prune_layer: int = setting(
+        2,
+        "in-LLM selectors: the decoder layer K from which dropped visual tokens leave the sequence (layers below K "
+        "see every token); the attention cue comes from layer K - 1",
+        minimum=1,
+    )
+
+
 __all__ = [
     "BudgetRule",
+    "LanguageModelSelector",
     "PruningMethod",
     "Settings",
     "TokenSelector",

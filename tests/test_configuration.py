@@ -35,6 +35,9 @@ DOCUMENTED_DEFAULTS = {
     "randomized_oversampling": 16,
     "randomized_power_iterations": 2,
     "selector": "cls_attention",
+    "vision_stage_selector": "none",
+    "vision_stage_tokens": 288,
+    "prune_layer": 2,
     "position_policy": "compact",
 }
 
@@ -51,7 +54,10 @@ NON_DEFAULT_SETTINGS = {
     "randomized_rank": 40,
     "randomized_oversampling": 0,
     "randomized_power_iterations": 0,
-    "selector": "uniform",
+    "selector": "fastv",
+    "vision_stage_selector": "uniform",
+    "vision_stage_tokens": 100,
+    "prune_layer": 3,
     "position_policy": "original",
 }
 
@@ -64,6 +70,9 @@ BAD_VALUES = [
     ("budget_mode", "x", f"one of {list(BUDGET_RULES)}"),
     ("spectrum_solver", "svd", "one of ['exact', 'randomized']"),
     ("selector", "nope", f"one of {list(SELECTORS)}"),
+    ("vision_stage_selector", "fastv", "one of ['none', 'cls_attention', 'uniform']"),
+    ("vision_stage_tokens", 0, INTEGER_AT_LEAST_ONE),
+    ("prune_layer", 0, INTEGER_AT_LEAST_ONE),
     ("position_policy", "x", f"one of {list(POSITION_POLICIES)}"),
     ("enabled", "yes", BOOLEAN),
     ("randomized_rank", 0, INTEGER_AT_LEAST_ONE),
@@ -170,9 +179,11 @@ def image_batch(n_images: int = 3, n_tokens: int = 20, n_channels: int = 12) -> 
     return features, {"cls_attention": torch.rand(n_images, n_tokens, generator=generator)}
 
 
-def assert_consistent(pruning: Any, features: torch.Tensor) -> None:
-    """Kept indices are ascending, one per budgeted token, and kept_rows are exactly those feature rows."""
-    assert [len(indices) for indices in pruning.kept_indices] == pruning.token_budgets.tolist()
+def assert_consistent(pruning: Any, features: torch.Tensor, vision_kept: list[int] | None = None) -> None:
+    """Kept indices are ascending, one per budgeted token (or `vision_kept` per image, for an in-LLM selector),
+    and kept_rows are exactly those feature rows."""
+    expected = pruning.token_budgets.tolist() if vision_kept is None else vision_kept
+    assert [len(indices) for indices in pruning.kept_indices] == expected
     rows = pruning.kept_rows(features)
     for image, indices in enumerate(pruning.kept_indices):
         assert (indices.diff() > 0).all()
@@ -186,8 +197,34 @@ def test_prune_images_fixed_budgets(fixed_tokens: int, selector: str) -> None:
     features, signals = image_batch()
     settings = PruningSettings(budget_mode="fixed", fixed_tokens=fixed_tokens, selector=selector)
     pruning = prune_images(features, signals, settings)
-    assert pruning.token_budgets.tolist() == [min(fixed_tokens, features.shape[1])] * features.shape[0]
-    assert_consistent(pruning, features)
+    n_images, n_tokens = features.shape[:2]
+    assert pruning.token_budgets.tolist() == [min(fixed_tokens, n_tokens)] * n_images
+    in_llm = SELECTORS[selector].stage == "language"
+    assert_consistent(pruning, features, vision_kept=[n_tokens] * n_images if in_llm else None)
+
+
+@pytest.mark.parametrize("fixed_tokens", [3, 8, 12])
+def test_a_vision_stage_before_an_in_llm_selector_keeps_its_tokens_and_caps_the_budget(fixed_tokens: int) -> None:
+    """With vision_stage_selector, the vision stage keeps vision_stage_tokens by its own selector, and the in-LLM
+    selector's budget is at most that many."""
+    features, signals = image_batch()
+    settings = PruningSettings(
+        budget_mode="fixed",
+        fixed_tokens=fixed_tokens,
+        selector="fastv",
+        vision_stage_selector="cls_attention",
+        vision_stage_tokens=8,
+    )
+    pruning = prune_images(features, signals, settings)
+    assert pruning.token_budgets.tolist() == [min(fixed_tokens, 8)] * 3
+    top_cls = signals["cls_attention"].argsort(dim=-1, descending=True)[:, :8].sort(dim=-1).values
+    assert [indices.tolist() for indices in pruning.kept_indices] == top_cls.tolist()
+    assert_consistent(pruning, features, vision_kept=[8] * 3)
+
+
+def test_a_vision_stage_selector_needs_an_in_llm_selector() -> None:
+    with pytest.raises(ValueError, match="vision_stage_selector='uniform' adds a vision stage to an in-LLM selector"):
+        PruningSettings(selector="cls_attention", vision_stage_selector="uniform")
 
 
 @pytest.mark.parametrize("energy_ratio", [0.3, 0.8, 1.0])

@@ -160,7 +160,7 @@ def test_bad_setting_after_loading_is_caught_on_use(small_checkpoint, one_image:
 
 
 def test_bad_setting_at_loading(small_checkpoint) -> None:
-    with pytest.raises(ValueError, match=r"selector must be one of \['cls_attention', 'uniform'\], got 'topk'"):
+    with pytest.raises(ValueError, match=r"selector must be one of \['cls_attention', 'uniform', 'fastv'\], got 'topk'"):
         load_pruned(small_checkpoint, selector="topk")
 
 

@@ -200,7 +200,7 @@ def test_outputs_keep_the_stock_field_order(pruned, small_processor, small_image
         as_tuple = pruned(**inputs, return_dict=False)
     assert torch.equal(output[0], output.logits)
     assert torch.equal(as_tuple[0], output.logits)
-    assert list(output.keys())[-3:] == ["pruned_position_ids", "source_index", "token_budgets"]
+    assert list(output.keys())[-4:] == ["pruned_position_ids", "source_index", "token_budgets", "kept_indices_by_layer"]
 
 
 @pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])

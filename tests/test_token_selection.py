@@ -10,6 +10,7 @@ import torch
 
 from adaprune import PruningSettings
 from adaprune.method_cls_attention import ClsAttentionSelector
+from adaprune.method_fastv import FastVSelector
 from adaprune.method_uniform import UniformSelector
 from adaprune.methods import SELECTORS
 from adaprune.token_selection import evenly_spaced_mask, kept_indices_from_mask, top_k_mask
@@ -96,17 +97,20 @@ def test_kept_indices_from_an_empty_batch() -> None:
 
 
 def test_registered_selectors_resolve_by_name() -> None:
-    """Both registered names resolve to their selectors and signals."""
+    """The registered names resolve to their selectors, signals and stages."""
     assert isinstance(PruningSettings(selector="cls_attention").token_selector, ClsAttentionSelector)
     assert isinstance(PruningSettings(selector="uniform").token_selector, UniformSelector)
+    assert PruningSettings(selector="fastv", prune_layer=3).token_selector == FastVSelector(prune_layer=3)
     assert SELECTORS["cls_attention"].required_signals == frozenset({"cls_attention"})
     assert SELECTORS["uniform"].required_signals == frozenset()
-    assert sorted(SELECTORS) == ["cls_attention", "uniform"]
+    assert SELECTORS["fastv"].required_signals == frozenset({"prompt_attention"})
+    assert [SELECTORS[name].stage for name in ("cls_attention", "uniform", "fastv")] == ["vision", "vision", "language"]
+    assert sorted(SELECTORS) == ["cls_attention", "fastv", "uniform"]
 
 
 def test_unknown_selector_names_are_rejected_listing_the_registered_ones() -> None:
     """The error lists the registered names."""
-    with pytest.raises(ValueError, match=r"\['cls_attention', 'uniform'\].*'nope'"):
+    with pytest.raises(ValueError, match=r"\['cls_attention', 'uniform', 'fastv'\].*'nope'"):
         PruningSettings(selector="nope")
 
 

@@ -2,7 +2,7 @@
 
 `check_contract(family, settings)` loads the pruning model with `settings` (which choose the method) and checks
 the oracle (greedy tokens and logits of `generate()` and `forward()` equal the stock model fed the full sequence
-with the dropped image tokens masked out), batch invariance (each row alone gives the batch's tokens and
+with the dropped image tokens masked out; for an in-LLM selector, masked from its layer K on), batch invariance (each row alone gives the batch's tokens and
 budgets), and the other decoding modes (beams with several returned sequences, sampling, no cache) against the
 oracle. The remote-code round trip of every method is `check_remote_round_trip`.
 """
@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from support.oracle import assert_matches_oracle, image_features, load_pruned, max_abs_diff, oracle_inputs
+from support.oracle import (
+    assert_matches_layer_oracle,
+    assert_matches_oracle,
+    image_features,
+    layer_hiding,
+    load_pruned,
+    max_abs_diff,
+    oracle_inputs,
+)
 from support.remote_code import run_isolated
 
 PROMPTS = (
@@ -61,9 +69,13 @@ def check_contract(family: Family, settings: dict[str, Any]) -> None:
     pruned = load_pruned(family.checkpoint, **{**family.settings, **settings})
     rows = [1, 2, 0]
     batch = family.inputs(rows)
-    image_output = assert_matches_oracle(pruned, family.stock, batch)
+    if pruned.config.pruning.token_selector.stage == "language":
+        assert_matches_layer_oracle(pruned, family.stock, batch)
+        image_output = image_features(pruned, batch)
+    else:
+        image_output = assert_matches_oracle(pruned, family.stock, batch)
 
-    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    greedy = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
     with torch.no_grad():
         together = pruned.generate(**batch, **greedy)
         alone_budgets = []
@@ -72,18 +84,22 @@ def check_contract(family: Family, settings: dict[str, Any]) -> None:
             alone = pruned.generate(**single, **greedy)
             length = single["input_ids"].shape[1]
             assert torch.equal(alone.sequences[0, length:], together.sequences[position, batch["input_ids"].shape[1] :])
-            assert max_abs_diff([step[0] for step in alone.logits], [step[position] for step in together.logits]) <= 1e-4
+            assert (
+                max_abs_diff([step[0] for step in alone.logits], [step[position] for step in together.logits]) <= 1e-4
+            )
             if "pixel_values" in single:
                 alone_budgets += image_features(pruned, single).token_budgets.tolist()
     assert image_output.token_budgets.tolist() == alone_budgets
 
     reference_inputs = oracle_inputs(batch, image_output, pruned.config.image_token_id, pruned.config.position_policy)
+    hiding = layer_hiding(pruned, family.stock, batch)
     with torch.no_grad():
         for mode in DECODING_MODES:
             torch.manual_seed(7)
             ours = pruned.generate(**batch, max_new_tokens=NEW_TOKENS, **mode)
             torch.manual_seed(7)
-            reference = family.stock.generate(**reference_inputs, max_new_tokens=NEW_TOKENS, **mode)
+            with hiding:
+                reference = family.stock.generate(**reference_inputs, max_new_tokens=NEW_TOKENS, **mode)
             assert torch.equal(ours, reference), mode
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
+from typing_extensions import Self
 
 from adaprune import AdaPruneLlavaForConditionalGeneration, AdaPruneLlavaNextForConditionalGeneration
 from adaprune.compat import cache_argument, output_cache
@@ -29,7 +31,26 @@ def load_pruned(checkpoint: Path, **settings):
     return PRUNING_CLASSES[model_type].from_pretrained(checkpoint, **settings).eval()
 
 
-WORDS = "what is in the image ? describe this picture a dog cat red sky city street many few".split()
+WORDS = [
+    "what",
+    "is",
+    "in",
+    "the",
+    "image",
+    "?",
+    "describe",
+    "this",
+    "picture",
+    "a",
+    "dog",
+    "cat",
+    "red",
+    "sky",
+    "city",
+    "street",
+    "many",
+    "few",
+]
 
 
 def random_prompts(rng: random.Random, batch: int, max_images: int = 2) -> tuple[list[str], list[int]]:
@@ -96,7 +117,12 @@ def assert_matches_oracle(pruned, stock, inputs: dict):
     with torch.no_grad():
         image_output = image_features(pruned, inputs)
         reference_inputs = oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy)
-        greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        greedy = {
+            "max_new_tokens": NEW_TOKENS,
+            "do_sample": False,
+            "output_logits": True,
+            "return_dict_in_generate": True,
+        }
         ours = pruned.generate(**inputs, **greedy)
         reference = stock.generate(**reference_inputs, **greedy)
 
@@ -119,7 +145,7 @@ def assert_turns_match_oracle(pruned, stock, inputs: dict, turn: list[int], cach
     (every row), its mask and the previous turn's cache under `cache_name`; every turn's tokens and logits equal
     the masked stock model continuing its own cache, and the returned sequences start with the caller's ids."""
     policy = pruned.config.position_policy
-    greedy = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    greedy = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
     prompt_length = inputs["input_ids"].shape[1]
     with torch.no_grad():
         image_output = image_features(pruned, inputs)
@@ -140,4 +166,98 @@ def assert_turns_match_oracle(pruned, stock, inputs: dict, turn: list[int], cach
             reference = stock.generate(**reference_turn, **cache_argument(output_cache(reference)), **greedy)
             assert torch.equal(ours.sequences[:, : sequence.shape[1]], sequence)
         assert torch.equal(ours.sequences, reference.sequences)
+        assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE
+
+
+class HidingFromLayer:
+    """The oracle of in-LLM pruning, as a reusable context: the stock model with the (B, P) `hidden` positions of
+    the prompt hidden from every query of decoder layers >= `first_layer` (their key columns masked; layers below
+    see them). Rows of expanded batches (beams, return sequences) take their prompt's row."""
+
+    def __init__(self, stock, first_layer: int, hidden: torch.Tensor) -> None:
+        self.layers = stock.model.language_model.layers[first_layer:]
+        self.hidden = hidden
+        self.handles: list = []
+
+    def hide(self, module, args, kwargs):
+        states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        batch, queries = states.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # SDPA's implicit causal mask
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            keys = queries + (cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0)
+            mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries).expand(batch, 1, -1, -1)
+        assert mask.dtype == torch.bool, "the oracle needs the SDPA (boolean) mask"
+        columns = torch.zeros(batch, mask.shape[-1], dtype=torch.bool)
+        columns[:, : self.hidden.shape[1]] = self.hidden.repeat_interleave(batch // len(self.hidden), dim=0)
+        return args, {**kwargs, "attention_mask": mask & ~columns[:, None, None, :]}
+
+    def __enter__(self) -> Self:
+        self.handles = [layer.register_forward_pre_hook(self.hide, with_kwargs=True) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def layer_hiding(pruned, stock, inputs: dict, forward=None) -> AbstractContextManager:
+    """The oracle's hiding of the tokens `pruned`'s in-LLM selector drops from its layer K on (`HidingFromLayer`
+    with the tokens its forward on `inputs` reports); nothing for a vision-stage selector."""
+    config = pruned.config
+    if config.pruning.token_selector.stage != "language":
+        return nullcontext()
+    with torch.no_grad():
+        forward = pruned(**inputs) if forward is None else forward
+        vision_stage = image_features(pruned, inputs)
+    hidden = dropped_placeholders(
+        inputs["input_ids"],
+        config.image_token_id,
+        forward.kept_indices_by_layer[config.prune_layer],
+        vision_stage.tokens_per_image,
+    )
+    return HidingFromLayer(stock, config.prune_layer, hidden)
+
+
+def assert_matches_layer_oracle(pruned, stock, inputs: dict, **generation) -> None:
+    """In-LLM pruning equals the stock model fed the full sequence with the tokens the vision stage dropped masked
+    in every layer and those the in-LLM selector dropped hidden from layer K on: logits at every kept position of
+    a forward, and `generate(**generation)` (greedy, 6 new tokens by default) tokens and logits. After the prefill,
+    each layer's cache holds the full length below K and the pruned length from K on."""
+    config = pruned.config
+    layer = config.prune_layer
+    with torch.no_grad():
+        forward = pruned(**inputs)
+        vision_stage = image_features(pruned, inputs)
+        reference_inputs = oracle_inputs(inputs, vision_stage, config.image_token_id, config.position_policy)
+        hiding = layer_hiding(pruned, stock, inputs, forward)
+        with hiding:
+            reference_forward = stock(**reference_inputs)
+        kept = forward.source_index >= 0
+        index = forward.source_index.clamp_min(0).unsqueeze(-1).expand(-1, -1, forward.logits.shape[-1])
+        reference_logits = torch.gather(reference_forward.logits, 1, index)
+        assert float((forward.logits - reference_logits)[kept].abs().max()) <= TOLERANCE
+        kept_tokens = sum(len(kept) for kept in forward.kept_indices_by_layer[layer])
+        assert int(kept.sum()) == int(inputs["attention_mask"].sum()) - sum(vision_stage.tokens_per_image) + kept_tokens
+
+        cache = output_cache(forward)
+        vision_length = int(reference_inputs["attention_mask"].sum(-1).max())
+        lengths = [cache.get_seq_length(index) for index in range(config.text_config.num_hidden_layers)]
+        assert lengths == [vision_length] * layer + [forward.source_index.shape[1]] * (len(lengths) - layer)
+
+        options = {
+            "max_new_tokens": NEW_TOKENS,
+            "do_sample": False,
+            "output_logits": True,
+            "return_dict_in_generate": True,
+        }
+        options.update(generation)
+        seed = options.pop("seed", 0)
+        torch.manual_seed(seed)
+        ours = pruned.generate(**inputs, **options)
+        torch.manual_seed(seed)
+        with hiding:
+            reference = stock.generate(**reference_inputs, **options)
+    assert torch.equal(ours.sequences, reference.sequences)
+    if "logits" in reference:
         assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE

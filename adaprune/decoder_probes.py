@@ -1,0 +1,109 @@
+"""The attention cue inside the language model, read without eager attention: how much the prompt's last token
+attends to every position at one decoder layer (averaged over heads), from that layer's own keys after RoPE and
+its one query row recomputed from the layer's input, so the model stays on SDPA (or any other backend)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def attention_module(layer: nn.Module, index: int) -> nn.Module:
+    """The self-attention of decoder layer `index`, checked to expose what the cue is computed from."""
+    attention = getattr(layer, "self_attn", None)
+    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")):
+        raise ValueError(
+            f"in-LLM pruning reads the attention of decoder layer {index} from its q_proj and k_proj, which "
+            f"{type(layer).__name__} does not expose; use a vision-stage selector ('cls_attention', 'uniform')"
+        )
+    return attention
+
+
+def rotary_function(attention: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The model family's own `apply_rotary_pos_emb`, from the module that defines its attention class."""
+    function = getattr(inspect.getmodule(type(attention)), "apply_rotary_pos_emb", None)
+    if function is None:
+        raise ValueError(
+            f"in-LLM pruning applies {type(attention).__name__}'s rotary embedding to its keys, but its module has no "
+            "apply_rotary_pos_emb; use a vision-stage selector ('cls_attention', 'uniform')"
+        )
+    return function
+
+
+def _heads(attention: nn.Module, projected: torch.Tensor, norm: str) -> torch.Tensor:
+    """(B, T, heads * head_dim) projections as (B, heads, T, head_dim), through the family's q/k norm if any."""
+    states = projected.view(*projected.shape[:2], -1, attention.head_dim)
+    if isinstance(getattr(attention, norm, None), nn.Module):
+        states = getattr(attention, norm)(states)
+    return states.transpose(1, 2)
+
+
+def last_query_attention(
+    attention: nn.Module,
+    last_input: torch.Tensor,
+    keys: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    padding_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of each row's last position to every position, averaged over heads: (B, L) float32.
+
+    last_input: (B, 1, D) the layer's attention input at the last position; keys: (B, L, kv heads * head_dim)
+    its key projections; position_embeddings: the (cos, sin) the layer received; padding_mask: (B, L), 0 at
+    padding (excluded from the softmax).
+    """
+    rotate = rotary_function(attention)
+    cos, sin = position_embeddings
+    query = _heads(attention, attention.q_proj(last_input), "q_norm")
+    key = _heads(attention, keys, "k_norm")
+    query = rotate(query, query, cos[:, -1:], sin[:, -1:])[0]
+    key = rotate(key, key, cos, sin)[1]
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    logits = (query.float() @ key.float().mT).squeeze(2) * attention.scaling
+    logits = logits.masked_fill(~padding_mask.bool().unsqueeze(1), float("-inf"))
+    return logits.softmax(-1).mean(1)
+
+
+def _hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+@contextmanager
+def capturing_prompt_attention(attention: nn.Module, padding_mask: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Records `"prompt_attention"` (B, L), the attention of the last position at `attention`'s layer, while
+    the language model runs: its input's last row and rotary tables before it runs, its key projections as
+    they are computed, the scores after it."""
+    captured: dict[str, torch.Tensor] = {}
+    parts: dict[str, Any] = {}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("position_embeddings") is None:
+            raise ValueError(
+                f"in-LLM pruning needs the rotary tables that {type(module).__name__} receives as "
+                "position_embeddings; this model family computes them elsewhere, use a vision-stage selector"
+            )
+        parts["last_input"] = _hidden_states(args, kwargs)[:, -1:].detach()
+        parts["position_embeddings"] = kwargs["position_embeddings"]
+
+    def keys(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        parts["keys"] = output.detach()
+
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        with torch.no_grad():
+            captured["prompt_attention"] = last_query_attention(module, padding_mask=padding_mask, **parts)
+        parts.clear()
+
+    handles = [
+        attention.register_forward_pre_hook(before, with_kwargs=True),
+        attention.k_proj.register_forward_hook(keys),
+        attention.register_forward_hook(after),
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

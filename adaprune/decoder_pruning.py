@@ -1,0 +1,234 @@
+"""Pruning inside the language model: from decoder layer K on, the visual tokens an in-LLM selector drops leave
+the sequence.
+
+Everything goes through forward pre-hooks on the stock decoder layers (registered with their keyword arguments),
+never through a copy of the language model's forward:
+
+- prefill (`pruning_inside`): layer K - 1's attention is read (`decoder_probes`) while it runs; at layer K the
+  selector picks each image's tokens, the hidden states are compacted (`CompactionPlan`, left re-padding, rows
+  may keep different numbers), and layers from K on get the compacted rotary tables, position ids (kept tokens
+  keep theirs) and an attention mask built for the shorter sequence by transformers' own mask function. Their
+  cache then holds only the kept tokens; the cache of the layers below K holds every token.
+- later steps (`continuing_pruned_cache`): new tokens run through every layer; the layers from K on get the
+  attention mask of their own, shorter cache (`PruningState.step_inputs` at layer K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compat import causal_mask_for_layer
+from .decoder_probes import attention_module, capturing_prompt_attention
+from .sequence_compaction import CompactionPlan, PruningState, left_compaction
+from .settings import LanguageModelSelector
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """Which image token each position of a (B, L) batch holds: `image` (its image, in batch order; -1 at other
+    positions) and `token` (its index among that image's tokens)."""
+
+    image: torch.LongTensor
+    token: torch.LongTensor
+
+    @classmethod
+    def from_placeholders(cls, placeholders: torch.Tensor, tokens_per_image: Sequence[int]) -> ImageTokens:
+        """From the (B, L) placeholder mask, whose placeholders hold the images' tokens in row-major order."""
+        offsets = torch.tensor([0, *accumulate(tokens_per_image)], device=placeholders.device)
+        slot = placeholders.flatten().long().cumsum(0).view_as(placeholders) - 1
+        image = torch.bucketize(slot, offsets[1:], right=True)
+        token = slot - offsets[image.clamp_max(len(tokens_per_image) - 1)]
+        return cls(image=image.masked_fill(~placeholders, -1), token=token.masked_fill(~placeholders, -1))
+
+    def compacted(self, plan: CompactionPlan) -> ImageTokens:
+        return ImageTokens(image=plan.gather(self.image, pad_value=-1), token=plan.gather(self.token, pad_value=-1))
+
+    def per_image(self, values: torch.Tensor, n_images: int, n_tokens: int, fill: float) -> torch.Tensor:
+        """(B, L) values at image positions as (n_images, n_tokens), `fill` where an image lacks the token."""
+        is_image = self.image >= 0
+        flat = (self.image * n_tokens + self.token)[is_image]
+        out = torch.full((n_images * n_tokens,), fill, dtype=values.dtype, device=values.device)
+        return out.scatter(0, flat, values[is_image]).view(n_images, n_tokens)
+
+    def kept_positions(self, keep: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) positions that stay: real tokens that are not images' tokens, and the kept ones of `keep`
+        (n_images, n_tokens)."""
+        is_image = self.image >= 0
+        flat = (self.image * keep.shape[1] + self.token).clamp_min(0)
+        return padding_mask.bool() & (~is_image | keep.flatten()[flat])
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    layers = getattr(language_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"in-LLM pruning hooks the decoder layers of the language model, and {type(language_model).__name__} "
+            "has no `layers` list; use a vision-stage selector ('cls_attention', 'uniform')"
+        )
+    return layers
+
+
+def check_prune_layer(text_config: Any, prune_layer: int) -> None:
+    """Layer K must have a layer before it (the cue) and be a decoder layer; from K on, attention must be full
+    (a sliding window counts cache entries, which pruning removes)."""
+    n_layers = text_config.num_hidden_layers
+    if not 1 <= prune_layer < n_layers:
+        raise ValueError(
+            f"prune_layer must be a decoder layer after the first, 1 to {n_layers - 1} for this language model of "
+            f"{n_layers} layers, got {prune_layer}"
+        )
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        sliding = [index for index in range(prune_layer, n_layers) if layer_types[index] != "full_attention"]
+    elif getattr(text_config, "sliding_window", None) is not None and getattr(text_config, "use_sliding_window", True):
+        sliding = list(range(prune_layer, n_layers))
+    else:
+        sliding = []
+    if sliding:
+        raise ValueError(
+            f"in-LLM pruning needs full attention from prune_layer={prune_layer} on, but layers {sliding} use a "
+            "sliding window (it counts cache entries, which pruning removes); set text_config.sliding_window=None "
+            "if prompts fit in the window, or use a vision-stage selector"
+        )
+
+
+def _hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _with_hidden_states(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    return (hidden, *args[1:]), kwargs
+
+
+@contextmanager
+def _layer_pre_hooks(
+    layers: Sequence[nn.Module], first: int, rewrite: Callable[[int, tuple, dict], tuple[tuple, dict]]
+) -> Iterator[None]:
+    """`rewrite(index, args, kwargs)` replaces the inputs of every layer from `first` on."""
+    handles = [
+        layers[index].register_forward_pre_hook(
+            lambda module, args, kwargs, index=index: rewrite(index, args, kwargs), with_kwargs=True
+        )
+        for index in range(first, len(layers))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class LayerCut:
+    """What the prefill's cut at layer K chose: the selector's keep mask (n_images, n_tokens) and the compaction
+    of the language model's input batch that layers from K on see."""
+
+    keep: torch.Tensor | None = None
+    plan: CompactionPlan | None = None
+
+
+@contextmanager
+def pruning_inside(
+    language_model: nn.Module,
+    selector: LanguageModelSelector,
+    budgets: torch.Tensor,
+    tokens: ImageTokens,
+    n_tokens: int,
+    padding_mask: torch.Tensor,
+    cache: Any,
+    held_keep: torch.Tensor | None = None,
+) -> Iterator[LayerCut]:
+    """While the language model runs its prefill on a batch with `padding_mask` (B, L), drops from layer K on the
+    visual tokens `selector` does not keep, `budgets[i]` for image i (`tokens` says where the images' tokens are),
+    or those `held_keep` (n_images, n_tokens) does not keep, when an earlier pass chose them. The `LayerCut` is
+    filled in when layer K runs."""
+    layers = decoder_layers(language_model)
+    layer_k = selector.prune_layer
+    check_prune_layer(language_model.config, layer_k)
+    cut = LayerCut()
+    segment: dict[str, Any] = {}
+    captured: dict[str, torch.Tensor] = {}
+
+    def rewrite(index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if index == layer_k:
+            if held_keep is not None:
+                cut.keep = held_keep
+            else:
+                scores = tokens.per_image(captured["prompt_attention"], len(budgets), n_tokens, float("-inf"))
+                present = tokens.per_image(
+                    torch.ones_like(padding_mask, dtype=torch.bool), len(budgets), n_tokens, False
+                )
+                cut.keep = selector.keep_mask({"prompt_attention": scores, "present": present}, budgets) & present
+            cut.plan = left_compaction(tokens.kept_positions(cut.keep, padding_mask))
+            hidden = cut.plan.gather(_hidden_states(args, kwargs))
+            position_ids = cut.plan.gather(kwargs["position_ids"].expand(padding_mask.shape))
+            cos, sin = (
+                cut.plan.gather(table.expand(len(padding_mask), -1, -1)) for table in kwargs["position_embeddings"]
+            )
+            segment.update(
+                position_ids=position_ids,
+                position_embeddings=(cos, sin),
+                attention_mask=causal_mask_for_layer(
+                    language_model.config, hidden, cut.plan.attention_mask, cache, position_ids, layer_k
+                ),
+            )
+            args, kwargs = _with_hidden_states(args, kwargs, hidden)
+        return args, {**kwargs, **segment}
+
+    padding_mask = padding_mask.bool()
+    with ExitStack() as stack:
+        if held_keep is None:
+            captured = stack.enter_context(
+                capturing_prompt_attention(attention_module(layers[layer_k - 1], layer_k - 1), padding_mask)
+            )
+        stack.enter_context(_layer_pre_hooks(layers, layer_k, rewrite))
+        yield cut
+
+
+@contextmanager
+def continuing_pruned_cache(
+    language_model: nn.Module,
+    state: PruningState,
+    cache: Any,
+    attention_mask: torch.Tensor | None,
+    new_shape: tuple[int, int],
+) -> Iterator[None]:
+    """While the language model runs later steps on a cache filled by a pruned prefill, gives the layers of each
+    in-LLM compaction the attention mask of their own cache (`attention_mask`: the caller's, over its full
+    sequence)."""
+    deeper = state.compactions[1:]
+    if not deeper:
+        yield
+        return
+    layers = decoder_layers(language_model)
+    first_layers = [compaction.first_layer for compaction in deeper]
+    segment_masks = {
+        layer: state.step_inputs(attention_mask, None, new_shape, cache.get_seq_length(layer), layer)[0]
+        for layer in first_layers
+    }
+    built: dict[int, Any] = {}
+
+    def rewrite(index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        first = max(layer for layer in first_layers if layer <= index)
+        if first not in built:
+            built[first] = causal_mask_for_layer(
+                language_model.config,
+                _hidden_states(args, kwargs),
+                segment_masks[first],
+                cache,
+                kwargs.get("position_ids"),
+                first,
+            )
+        return args, {**kwargs, "attention_mask": built[first]}
+
+    with _layer_pre_hooks(layers, first_layers[0], rewrite):
+        yield
