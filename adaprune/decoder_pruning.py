@@ -51,11 +51,13 @@ class ImageTokens:
         return ImageTokens(image=plan.gather(self.image, pad_value=-1), token=plan.gather(self.token, pad_value=-1))
 
     def per_image(self, values: torch.Tensor, n_images: int, n_tokens: int, fill: float) -> torch.Tensor:
-        """(B, L) values at image positions as (n_images, n_tokens), `fill` where an image lacks the token."""
+        """(B, L, ...) values at image positions as (n_images, n_tokens, ...), `fill` where an image lacks the
+        token."""
         is_image = self.image >= 0
         flat = (self.image * n_tokens + self.token)[is_image]
-        out = torch.full((n_images * n_tokens,), fill, dtype=values.dtype, device=values.device)
-        return out.scatter(0, flat, values[is_image]).view(n_images, n_tokens)
+        out = torch.full((n_images * n_tokens, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
+        out[flat] = values[is_image]
+        return out.view(n_images, n_tokens, *values.shape[2:])
 
     def kept_positions(self, keep: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) positions that stay: real tokens that are not images' tokens, and the kept ones of `keep`
@@ -145,12 +147,14 @@ def pruning_inside(
     n_tokens: int,
     padding_mask: torch.Tensor,
     cache: Any,
+    grid: torch.Tensor | None = None,
     held_keep: torch.Tensor | None = None,
 ) -> Iterator[LayerCut]:
     """While the language model runs its prefill on a batch with `padding_mask` (B, L), drops from layer K on the
     visual tokens `selector` does not keep, `budgets[i]` for image i (`tokens` says where the images' tokens are),
-    or those `held_keep` (n_images, n_tokens) does not keep, when an earlier pass chose them. The `LayerCut` is
-    filled in when layer K runs."""
+    or those `held_keep` (n_images, n_tokens) does not keep, when an earlier pass chose them. `grid`: the (N, 2)
+    patch-grid row and column of an image's tokens, for selectors that need it. The `LayerCut` is filled in when
+    layer K runs."""
     layers = decoder_layers(language_model)
     layer_k = selector.prune_layer
     check_prune_layer(language_model.config, layer_k)
@@ -163,11 +167,8 @@ def pruning_inside(
             if held_keep is not None:
                 cut.keep = held_keep
             else:
-                scores = tokens.per_image(captured["prompt_attention"], len(budgets), n_tokens, float("-inf"))
-                present = tokens.per_image(
-                    torch.ones_like(padding_mask, dtype=torch.bool), len(budgets), n_tokens, False
-                )
-                cut.keep = selector.keep_mask({"prompt_attention": scores, "present": present}, budgets) & present
+                signals = layer_signals(_hidden_states(args, kwargs))
+                cut.keep = selector.keep_mask(signals, budgets) & signals["present"]
             cut.plan = left_compaction(tokens.kept_positions(cut.keep, padding_mask))
             hidden = cut.plan.gather(_hidden_states(args, kwargs))
             position_ids = cut.plan.gather(kwargs["position_ids"].expand(padding_mask.shape))
@@ -184,9 +185,31 @@ def pruning_inside(
             args, kwargs = _with_hidden_states(args, kwargs, hidden)
         return args, {**kwargs, **segment}
 
+    def layer_signals(layer_input: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the selector reads, per image: the tokens present and the signals it requires."""
+        n_images = len(budgets)
+        signals = {"present": tokens.per_image(padding_mask, n_images, n_tokens, False)}
+        if "prompt_attention" in selector.required_signals:
+            signals["prompt_attention"] = tokens.per_image(
+                captured["prompt_attention"], n_images, n_tokens, float("-inf")
+            )
+        if "keys" in selector.required_signals:
+            with torch.no_grad():
+                keys = layers[layer_k].self_attn.k_proj(layer_input)
+            signals["keys"] = tokens.per_image(keys, n_images, n_tokens, 0.0)
+        if "grid" in selector.required_signals:
+            if grid is None:
+                raise ValueError(
+                    f"selector {selector.name!r} places each image's {n_tokens} tokens on a square patch grid, and "
+                    "these images' tokens are not one (vision_feature_select_strategy='full' adds the [CLS] "
+                    "token); use the 'default' strategy or selector 'fastv'"
+                )
+            signals["grid"] = grid
+        return signals
+
     padding_mask = padding_mask.bool()
     with ExitStack() as stack:
-        if held_keep is None:
+        if held_keep is None and "prompt_attention" in selector.required_signals:
             captured = stack.enter_context(
                 capturing_prompt_attention(attention_module(layers[layer_k - 1], layer_k - 1), padding_mask)
             )

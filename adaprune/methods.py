@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .method_adaptprune import AdaptPruneSelector
 from .method_cls_attention import ClsAttentionSelector
 from .method_energy import EnergyBudget
 from .method_fastv import FastVSelector
@@ -73,3 +74,4 @@ register(FixedBudget)
 register(ClsAttentionSelector)
 register(UniformSelector)
 register(FastVSelector)
+register(AdaptPruneSelector)

@@ -274,8 +274,19 @@ class PrunedPrefillMixin:
             max(tokens_per_image),
             plan.attention_mask,
             cache,
+            grid=self._token_grid(max(tokens_per_image), plan.attention_mask.device),
             held_keep=held,
         )
+
+    def _token_grid(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """(N, 2) patch-grid row and column of each of an image's N tokens, or None when they are not the
+        tower's square grid (e.g. with the [CLS] token of the 'full' strategy)."""
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if side * side != n_tokens:
+            return None
+        index = torch.arange(n_tokens, device=device)
+        return torch.stack([index // side, index % side], dim=-1)
 
     _held_selections: dict[int, torch.Tensor] | None = None
 

@@ -1,4 +1,4 @@
-"""Pruning inside the language model (FastV): the oracle is the stock model fed the full sequence with the tokens
+"""Pruning inside the language model (FastV, AdaptPrune): the oracle is the stock model fed the full sequence with the tokens
 the vision stage dropped masked in every layer and those dropped at layer K hidden from every query of layers >= K.
 
 Randomized over batch size, left padding, images per prompt, budgets per row, vision stage on and off, and
@@ -11,8 +11,9 @@ import dataclasses
 import random
 
 import pytest
+import torch
 from support.oracle import assert_matches_layer_oracle, load_pruned, random_prompts
-from transformers import MistralConfig, Qwen2Config
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, MistralConfig, Qwen2Config
 
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
 
@@ -53,7 +54,7 @@ def family_checkpoint(request, tmp_path_factory):
     return directory, processor, stock
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_batches_match_the_layer_masked_stock_model(seed: int, family_checkpoint, small_images: dict) -> None:
     checkpoint, processor, stock = family_checkpoint
     rng = random.Random(seed)
@@ -63,7 +64,7 @@ def test_random_batches_match_the_layer_masked_stock_model(seed: int, family_che
     )
     pruned = load_pruned(
         checkpoint,
-        selector="fastv",
+        selector=rng.choice(["fastv", "adaptprune"]),
         prune_layer=rng.randint(1, 3),
         min_tokens=rng.randint(1, 6),
         position_policy=rng.choice(["compact", "original"]),
@@ -96,3 +97,62 @@ def test_generation_modes_match_the_layer_masked_stock_model(
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
 
     assert_matches_layer_oracle(pruned, stock, inputs, **generation)
+
+
+@pytest.mark.parametrize("selector", ["fastv", "adaptprune"])
+def test_llava15_geometry_with_energy_budgets_matches_the_oracle(
+    selector: str, llava15_checkpoint, llava15_images: dict
+) -> None:
+    """576 tokens per image, vision width 1024: each image's E-AdaPrune budget, chosen inside the language model."""
+    processor = LlavaProcessor.from_pretrained(llava15_checkpoint)
+    stock = LlavaForConditionalGeneration.from_pretrained(llava15_checkpoint).eval()
+    pruned = load_pruned(llava15_checkpoint, selector=selector, prune_layer=1, energy_ratio=0.9, min_tokens=4)
+    prompts = ["USER: <image> describe this picture ASSISTANT:", "USER: <image> and <image> compare ASSISTANT:"]
+    images = [llava15_images["busy"], llava15_images["plain"], llava15_images["shapes"]]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+    assert_matches_layer_oracle(pruned, stock, inputs, max_new_tokens=3)
+    with torch.no_grad():
+        output = pruned(**inputs)
+    budgets = output.token_budgets.tolist()
+    assert len(set(budgets)) == 3 and max(budgets) < 576
+    assert [len(kept) for kept in output.kept_indices_by_layer[0]] == [576] * 3
+    assert [len(kept) for kept in output.kept_indices_by_layer[1]] == budgets
+
+
+def test_prune_layer_outside_the_language_model_is_refused(small_checkpoint) -> None:
+    with pytest.raises(ValueError, match=r"prune_layer must be a decoder layer after the first, 1 to 1 .* got 2"):
+        load_pruned(small_checkpoint, selector="fastv")
+    model = load_pruned(small_checkpoint, selector="fastv", prune_layer=1)
+    model.config.prune_layer = 5
+    with pytest.raises(ValueError, match=r"1 to 1 for this language model of 2 layers, got 5"):
+        model.get_image_features(pixel_values=torch.zeros(1, 3, 112, 112))
+
+
+def test_sliding_window_layers_are_refused(tmp_path) -> None:
+    """A sliding window counts cache entries, which in-LLM pruning removes: refused, naming the fix."""
+    processor = build_processor(GEOMETRY)
+    config = build_config(processor, GEOMETRY)
+    config.text_config = MistralConfig(**{**text_config("mistral", config.text_config).to_dict(), "sliding_window": 64})
+    build_stock_model(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"layers \[2, 3\] use a sliding window .* text_config.sliding_window=None"):
+        load_pruned(tmp_path, selector="fastv")
+
+
+def test_adaptprune_needs_a_patch_grid(tmp_path, small_images: dict) -> None:
+    """With the 'full' strategy an image's tokens include [CLS] and are no square grid."""
+    processor = build_processor(GEOMETRY)
+    processor.vision_feature_select_strategy = "full"
+    config = build_config(processor, GEOMETRY)
+    config.vision_feature_select_strategy = "full"
+    build_stock_model(config).save_pretrained(tmp_path)
+    pruned = load_pruned(tmp_path, selector="adaptprune", budget_mode="fixed", fixed_tokens=4)
+    inputs = processor(images=[small_images["busy"]], text=["USER: <image> hi ASSISTANT:"], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"'adaptprune' places each image's 65 tokens on a square patch grid"):
+        pruned(**inputs)
+    load_pruned(tmp_path, selector="fastv", budget_mode="fixed", fixed_tokens=4)(**inputs)
+
+
+def test_llava_next_refuses_in_llm_selectors(next_checkpoint) -> None:
+    with pytest.raises(ValueError, match=r"selector='fastv' prunes inside the language model, .* not LLaVA-NeXT"):
+        load_pruned(next_checkpoint, selector="fastv")

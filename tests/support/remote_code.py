@@ -115,6 +115,7 @@ REMOTE_CODE_FILES = frozenset(
         "decoder_probes.py",
         "decoder_pruning.py",
         "image_pruning.py",
+        "method_adaptprune.py",
         "method_cls_attention.py",
         "method_energy.py",
         "method_fastv.py",
