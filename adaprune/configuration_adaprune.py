@@ -38,9 +38,11 @@ class CoreSettings(Settings):
     )
     selector: str = setting(
         "cls_attention",
-        "which tokens to keep, a registered name: 'cls_attention' (those the vision tower's [CLS] query attends to "
-        "most at the feature layer, mean over heads, from that layer's own queries and keys so the tower stays on "
-        "SDPA) or 'uniform' (evenly spaced in raster order)",
+        "which tokens to keep, a registered name: before the language model 'cls_attention' (those the vision "
+        "tower's [CLS] query attends to most at the feature layer, mean over heads, from that layer's own queries "
+        "and keys so the tower stays on SDPA) or 'uniform' (evenly spaced in raster order); inside it, from "
+        "decoder layer prune_layer on, 'fastv' (those the prompt's last token attends to most) or 'adaptprune' "
+        "(that cue times a spatial prior, then soft non-maximum suppression)",
         choices=lambda: SELECTORS,
     )
     vision_stage_selector: str = setting(

@@ -36,10 +36,15 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
 
     rows = results["end_to_end"]["rows"]
     measured = {(row["batch_size"], row["variant"], row["target"]) for row in rows}
-    variants = {
-        (size, name, target) for size in (1, 2) for name in ("energy", "fixed", "ideal") for target in (8, 16)
+    variants = {(size, name, target) for size in (1, 2) for name in ("energy", "fixed", "ideal") for target in (8, 16)}
+    in_llm = {
+        (size, f"{rule}·{selector}", target)
+        for size in (1, 2)
+        for rule in ("energy", "fixed")
+        for selector in ("fastv", "adaptprune")
+        for target in (8, 16)
     }
-    assert measured == variants | {(1, "stock", None), (2, "stock", None)}
+    assert measured == variants | in_llm | {(1, "stock", None), (2, "stock", None)}
     for row in rows:
         assert row["time_to_first_token_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["generate_s"] > 0
         assert row["time_to_first_token_s"] < row["generate_s"]
@@ -52,6 +57,19 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
         # The ideal runs the energy budgets, on the same padded lengths.
         for field in ("mean_kept", "min_kept", "max_kept", "padding_fraction", "kv_cache_bytes"):
             assert by_key[(size, "ideal", target)][field] == by_key[(size, "energy", target)][field]
+    for size, name, target in in_llm:
+        # the same budgets, chosen inside the language model: layers below K (1 of this 2-layer model) cache every
+        # visual token, the layers from K on only the kept ones
+        row = by_key[(size, name, target)]
+        rule = name.split("·")[0]
+        assert row["prune_layer"] == 1
+        assert row["mean_kept"] == by_key[(size, rule, target)]["mean_kept"]
+        below, above = row["kv_cache_bytes_per_layer"]
+        assert below == by_key[(size, "stock", None)]["kv_cache_bytes_per_layer"][0] > above
+        assert above == by_key[(size, rule, target)]["kv_cache_bytes_per_layer"][1]
+        stock_flops = by_key[(size, "stock", None)]["language_model_flops_per_prompt"]
+        assert by_key[(size, rule, target)]["language_model_flops_per_prompt"] < row["language_model_flops_per_prompt"]
+        assert row["language_model_flops_per_prompt"] < stock_flops
     for entry in results["end_to_end"]["calibration"].values():
         assert 0 < entry["energy_ratio"] <= 1 and len(entry["budgets"]) == 2
         assert entry["budgets"][0] < entry["budgets"][1], "the images should differ in density"

@@ -43,7 +43,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, LogitsPr
 
 from adaprune.method_energy import EnergyBudget
 from adaprune.method_fixed import FixedBudget
-from adaprune.methods import BUDGET_RULES
+from adaprune.methods import BUDGET_RULES, SELECTORS
 from adaprune.modeling_adaprune import AdaPruneLlavaForConditionalGeneration
 from adaprune.spectral_budget import budgets_from_curves, energy_curves
 
@@ -59,6 +59,7 @@ from .cost_model import (
     kv_cache_bytes,
     language_model_prefill_flops,
     llava_prefill_flops,
+    vision_flops,
 )
 from .reporting import machine_info, markdown_table
 from .tiny_llava import LLAVA15_GEOMETRY, SMALL_GEOMETRY, Geometry, sample_images, save_tiny_llava
@@ -74,6 +75,8 @@ BENCHMARK_GEOMETRY = replace(
     LLAVA15_GEOMETRY, text_hidden=1024, text_layers=12, text_heads=16, text_intermediate=2816, text_vocab=32064
 )
 QUICK_GEOMETRY = SMALL_GEOMETRY
+LANGUAGE_SELECTORS = [name for name, selector in SELECTORS.items() if selector.stage == "language"]
+"""The in-LLM selectors, benchmarked with every budget rule at every target."""
 SOLVERS = ("exact", "randomized")
 SOLVER_TOKEN_MULTIPLES = (1, 5)  # one image, and five views stacked as LLaVA-NeXT's any-res layout does
 SOLVER_BATCH = 8
@@ -342,11 +345,18 @@ def _vision_geometry(config: Any) -> VisionTowerGeometry:
 
 @dataclass
 class Variant:
-    """One way of running the model: which model, its pruning settings, and how its inputs are shortened."""
+    """One way of running the model: which model, its pruning settings, and how its inputs are shortened;
+    `prune_layer` for an in-LLM selector (the layers below it see every visual token)."""
 
     name: str
     target: int | None
     settings: dict[str, Any]
+    prune_layer: int | None = None
+
+
+def in_llm_layer(geometry: Geometry) -> int:
+    """The layer the in-LLM selectors prune at: FastV's and AdaptPrune's K = 2, or the last for shallower models."""
+    return min(2, geometry.text_layers - 1)
 
 
 def _benchmark_images(size: int, count: int) -> list[Image.Image]:
@@ -382,15 +392,23 @@ def _end_to_end(
     prompt = prompt_for(processor, DEFAULT_PROMPT)
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
     curves = UnitCurves.from_images(pruned.model.image_energy_curves(pixel_values))
+    vision_selector, layer = pruned.config.selector, in_llm_layer(setting.geometry)
     variants, calibration = [Variant("stock", None, {})], {}
     for target in setting.targets:
+        in_llm = []
         for rule in BUDGET_RULES.values():
             try:
                 settings, result = settings_for_target(rule, curves, target, setting.min_tokens)
             except CalibrationError as error:
                 log(f"not benchmarked at mean {target}: {error}")
                 continue
-            variants.append(Variant(rule.name, target, settings))
+            variants.append(Variant(rule.name, target, {**settings, "selector": vision_selector}))
+            in_llm += [
+                Variant(
+                    f"{rule.name}·{selector}", target, {**settings, "selector": selector, "prune_layer": layer}, layer
+                )
+                for selector in LANGUAGE_SELECTORS
+            ]
             if result is not None:
                 calibration[str(target)] = {
                     "energy_ratio": result.energy_ratio,
@@ -399,7 +417,8 @@ def _end_to_end(
                 }
                 log(f"calibrated mean {target}: tau {result.energy_ratio}, budgets {list(result.budgets)}")
             if rule.name == SUBJECT:
-                variants.append(Variant("ideal", target, settings))
+                variants.append(Variant("ideal", target, {**settings, "selector": vision_selector}))
+        variants += in_llm
     text_tokens = len(processor(images=images[:1], text=[prompt], return_tensors="pt")["input_ids"][0])
     text_tokens -= setting.geometry.tokens_per_image
     bytes_per_value = torch.finfo(stock.dtype).bits // 8
@@ -488,14 +507,25 @@ def _measure(
 
     all_lengths = [lengths for *_, lengths in runs]
     padded = [max(lengths) for lengths in all_lengths]
+    # an in-LLM selector's layers below K keep every visual token (no vision stage in the benchmark's variants)
+    cut = variant.prune_layer or 0
+    full_length = text_tokens + setting.geometry.tokens_per_image
     first_token = median_of_means("first_token")
     decode = median_of_means("decode")
     kept = [budget for _, _, budgets, _, _ in runs for budget in budgets]
     prompt_flops = statistics.mean(
-        llava_prefill_flops(lm, vision, length - text_tokens, text_tokens)
+        vision_flops(vision) + language_model_prefill_flops(lm, full_length, length, cut)
         for lengths in all_lengths
         for length in lengths
     )
+    layer_bytes = kv_cache_bytes(replace(lm, num_layers=1), 1, bytes_per_value)
+    kv_per_layer = [
+        statistics.mean(
+            batch_size * layer_bytes * ((full_length if layer < cut else length) + setting.new_tokens)
+            for length in padded
+        )
+        for layer in range(lm.num_layers)
+    ]
     return {
         "variant": variant.name,
         "target": variant.target,
@@ -508,15 +538,15 @@ def _measure(
         "decode_tokens_per_s": batch_size * (setting.new_tokens - 1) / decode,
         "generate_s": median_of_means("total"),
         "peak_memory_bytes": statistics.mean(peaks),
-        "kv_cache_bytes": statistics.mean(
-            batch_size * kv_cache_bytes(lm, length + setting.new_tokens, bytes_per_value) for length in padded
-        ),
+        "kv_cache_bytes": sum(kv_per_layer),
+        "kv_cache_bytes_per_layer": kv_per_layer,
+        "prune_layer": variant.prune_layer,
         "padding_fraction": statistics.mean(
             1 - sum(lengths) / (len(lengths) * max(lengths)) for lengths in all_lengths
         ),
         "prefill_flops_per_prompt": prompt_flops,
         "language_model_flops_per_prompt": statistics.mean(
-            language_model_prefill_flops(lm, length) for lengths in all_lengths for length in lengths
+            language_model_prefill_flops(lm, full_length, length, cut) for lengths in all_lengths for length in lengths
         ),
     }
 
@@ -735,7 +765,11 @@ def _markdown(results: dict[str, Any], plots: list[str]) -> str:
     goals = _goals(results)
     parts.append(
         "## Goals\n\n"
-        + (markdown_table(["goal", "measured", "status"], goals) if goals else "The sections run measure none of the goals.")
+        + (
+            markdown_table(["goal", "measured", "status"], goals)
+            if goals
+            else "The sections run measure none of the goals."
+        )
     )
     parts.append("## Plots\n\n" + "\n\n".join(f"![{name}]({name})" for name in plots))
     return "\n\n".join(parts) + "\n"
@@ -763,7 +797,10 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
             else "resident memory (RSS) added during generate(), sampled every 1 ms; it counts every page touched, not "
             "tensors alone."
         )
-        + " KV cache: analytical, batch x (longest prefill row + new tokens). Ratios are to the stock model of the "
+        + " KV cache: analytical, batch x (longest prefill row + new tokens), over all layers and per layer; an in-LLM "
+        "selector's variants (`rule·selector`, pruning from decoder layer K, the selectors' default 2) keep every "
+        "visual token in the layers below K and only the kept ones from K on (per layer: below K / from K). "
+        "Ratios are to the stock model of the "
         f"same run (higher is better for speed, lower for memory). Overhead: {SUBJECT}'s time to first token over "
         "the ideal's at the same kept tokens."
     )
@@ -791,6 +828,7 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
                     f"{stock['generate_s'] / row['generate_s']:.2f}x",
                     f"{row['peak_memory_bytes'] / 2**20:.0f}",
                     f"{row['kv_cache_bytes'] / 2**20:.1f}",
+                    _per_layer_kv(row),
                     f"{row['padding_fraction']:.1%}",
                     overhead,
                 ]
@@ -812,6 +850,7 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
                     "speedup",
                     "peak MiB",
                     "KV MiB",
+                    "KV MiB per layer",
                     "padding",
                     "overhead",
                 ],
@@ -844,6 +883,15 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(parts)
+
+
+def _per_layer_kv(row: dict[str, Any]) -> str:
+    """KV MiB of one layer, or of a layer below K / from K for an in-LLM variant."""
+    per_layer = row["kv_cache_bytes_per_layer"]
+    cut = row["prune_layer"]
+    if cut is None:
+        return f"{per_layer[0] / 2**20:.2f}"
+    return f"{per_layer[0] / 2**20:.2f} / {per_layer[cut] / 2**20:.2f}"
 
 
 def _solvers_markdown(solvers: dict[str, Any], machine: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ Pure functions of the geometry, so measured speedups can be set against the theo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,22 @@ def lm_head_flops(lm: LanguageModelGeometry, positions: int = 1) -> int:
     return 2 * lm.hidden_size * lm.vocab_size * positions
 
 
-def language_model_prefill_flops(lm: LanguageModelGeometry, sequence_length: int) -> int:
-    """FLOPs of one prefill of `sequence_length` tokens, with logits at the last position only."""
-    return decoder_linear_flops(lm, sequence_length) + causal_attention_flops(lm, sequence_length) + lm_head_flops(lm)
+def language_model_prefill_flops(
+    lm: LanguageModelGeometry, sequence_length: int, kept_length: int | None = None, prune_layer: int = 0
+) -> int:
+    """FLOPs of one prefill of `sequence_length` tokens, with logits at the last position only; with in-LLM
+    pruning, the layers from `prune_layer` on run on `kept_length` tokens."""
+    if kept_length is None or prune_layer == 0:
+        length = sequence_length if kept_length is None else kept_length
+        return decoder_linear_flops(lm, length) + causal_attention_flops(lm, length) + lm_head_flops(lm)
+    below, above = replace(lm, num_layers=prune_layer), replace(lm, num_layers=lm.num_layers - prune_layer)
+    return (
+        decoder_linear_flops(below, sequence_length)
+        + causal_attention_flops(below, sequence_length)
+        + decoder_linear_flops(above, kept_length)
+        + causal_attention_flops(above, kept_length)
+        + lm_head_flops(lm)
+    )
 
 
 def decode_flops(lm: LanguageModelGeometry, context_length: int) -> int:

@@ -34,10 +34,18 @@ def group_label(group: type[Settings]) -> str:
 
 
 def settings_rows(settings_class: type[PruningSettings] = AnyResPruningSettings) -> list[tuple[str, str, str, str]]:
-    """(setting, default, used by, meaning) for every declared setting, in declaration order."""
+    """(setting, default, used by, meaning) for every declared setting, in declaration order; a setting several
+    methods share (e.g. `prune_layer`) lists them all."""
+    groups = settings_class.groups()
+
+    def used_by(name: str) -> str:
+        return ", ".join(
+            group_label(group) for group in groups if any(item.name == name for item in group.declared())
+        )
+
     return [
-        (f"`{name}`", f"`{declaration.default!r}`", group_label(group), declaration.metadata["help"])
-        for name, (declaration, group) in settings_class.declared().items()
+        (f"`{name}`", f"`{declaration.default!r}`", used_by(name), declaration.metadata["help"])
+        for name, (declaration, _) in settings_class.declared().items()
     ]
 
 
