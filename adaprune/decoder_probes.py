@@ -68,7 +68,8 @@ def last_query_attention(
     return logits.softmax(-1).mean(1)
 
 
-def _hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+def hidden_states_argument(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a layer or attention module is called with, by keyword or as its first argument."""
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
@@ -86,7 +87,7 @@ def capturing_prompt_attention(attention: nn.Module, padding_mask: torch.Tensor)
                 f"in-LLM pruning needs the rotary tables that {type(module).__name__} receives as "
                 "position_embeddings; this model family computes them elsewhere, use a vision-stage selector"
             )
-        parts["last_input"] = _hidden_states(args, kwargs)[:, -1:].detach()
+        parts["last_input"] = hidden_states_argument(args, kwargs)[:, -1:].detach()
         parts["position_embeddings"] = kwargs["position_embeddings"]
 
     def keys(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

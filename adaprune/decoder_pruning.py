@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .compat import causal_mask_for_layer
-from .decoder_probes import attention_module, capturing_prompt_attention
+from .decoder_probes import attention_module, capturing_prompt_attention, hidden_states_argument
 from .sequence_compaction import CompactionPlan, PruningState, left_compaction
 from .settings import LanguageModelSelector
 
@@ -101,10 +101,6 @@ def check_prune_layer(text_config: Any, prune_layer: int) -> None:
         )
 
 
-def _hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
 def _with_hidden_states(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
     if "hidden_states" in kwargs:
         return args, {**kwargs, "hidden_states": hidden}
@@ -167,11 +163,13 @@ def pruning_inside(
             if held_keep is not None:
                 cut.keep = held_keep
             else:
-                signals = layer_signals(_hidden_states(args, kwargs))
+                signals = layer_signals(hidden_states_argument(args, kwargs))
                 cut.keep = selector.keep_mask(signals, budgets) & signals["present"]
             cut.plan = left_compaction(tokens.kept_positions(cut.keep, padding_mask))
-            hidden = cut.plan.gather(_hidden_states(args, kwargs))
-            position_ids = cut.plan.gather(kwargs["position_ids"].expand(padding_mask.shape))
+            hidden = cut.plan.gather(hidden_states_argument(args, kwargs))
+            position_ids = kwargs.get("position_ids")
+            if position_ids is not None:
+                position_ids = cut.plan.gather(position_ids.expand(padding_mask.shape))
             cos, sin = (
                 cut.plan.gather(table.expand(len(padding_mask), -1, -1)) for table in kwargs["position_embeddings"]
             )
@@ -245,7 +243,7 @@ def continuing_pruned_cache(
         if first not in built:
             built[first] = causal_mask_for_layer(
                 language_model.config,
-                _hidden_states(args, kwargs),
+                hidden_states_argument(args, kwargs),
                 segment_masks[first],
                 cache,
                 kwargs.get("position_ids"),

@@ -12,9 +12,10 @@ import random
 
 import pytest
 import torch
-from support.oracle import assert_matches_layer_oracle, load_pruned, random_prompts
+from support.oracle import assert_matches_layer_oracle, assert_turns_match_oracle, load_pruned, random_prompts
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, MistralConfig, Qwen2Config
 
+from adaprune.compat import CACHE_ARGUMENT
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
 
 GEOMETRY = dataclasses.replace(SMALL_GEOMETRY, text_layers=4)
@@ -156,3 +157,18 @@ def test_adaptprune_needs_a_patch_grid(tmp_path, small_images: dict) -> None:
 def test_llava_next_refuses_in_llm_selectors(next_checkpoint) -> None:
     with pytest.raises(ValueError, match=r"selector='fastv' prunes inside the language model, .* not LLaVA-NeXT"):
         load_pruned(next_checkpoint, selector="fastv")
+
+
+def test_conversations_continue_the_per_layer_cache(family_checkpoint, small_images: dict) -> None:
+    """Three turns reuse the cache whose layers hold different lengths: every turn equals the stock model
+    continuing its own cache with the prompt's dropped tokens hidden from layer K on."""
+    checkpoint, processor, stock = family_checkpoint
+    pruned = load_pruned(checkpoint, selector="adaptprune", budget_mode="fixed", fixed_tokens=5)
+    prompts = ["USER: <image> what is this ASSISTANT:", "USER: a <image> and <image> ASSISTANT:"]
+    images = [small_images["busy"], small_images["shapes"], small_images["plain"]]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    turn = processor.tokenizer(["USER: and the sky ? ASSISTANT:"], add_special_tokens=False)["input_ids"][0]
+
+    # a random model may generate the image token, which would read as a new image's placeholder
+    no_image_token = {"suppress_tokens": [pruned.config.image_token_id]}
+    assert_turns_match_oracle(pruned, stock, inputs, turn, CACHE_ARGUMENT, **no_image_token)

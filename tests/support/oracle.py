@@ -140,19 +140,26 @@ def assert_matches_oracle(pruned, stock, inputs: dict):
     return image_output
 
 
-def assert_turns_match_oracle(pruned, stock, inputs: dict, turn: list[int], cache_name: str, turns: int = 3) -> None:
+def assert_turns_match_oracle(
+    pruned, stock, inputs: dict, turn: list[int], cache_name: str, turns: int = 3, **generation
+) -> None:
     """Multi-turn chat: after the first answer, each turn passes the whole conversation so far plus the `turn` ids
     (every row), its mask and the previous turn's cache under `cache_name`; every turn's tokens and logits equal
-    the masked stock model continuing its own cache, and the returned sequences start with the caller's ids."""
+    the masked stock model continuing its own cache (for an in-LLM selector, with the prompt's dropped tokens
+    hidden from its layer K on), and the returned sequences start with the caller's ids. `generation`: further
+    `generate()` options for both models."""
     policy = pruned.config.position_policy
     greedy = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    greedy.update(generation)
     prompt_length = inputs["input_ids"].shape[1]
+    hiding = layer_hiding(pruned, stock, inputs)
     with torch.no_grad():
         image_output = image_features(pruned, inputs)
         ours = pruned.generate(**inputs, **greedy)
-        reference = stock.generate(
-            **oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy), **greedy
-        )
+        with hiding:
+            reference = stock.generate(
+                **oracle_inputs(inputs, image_output, pruned.config.image_token_id, policy), **greedy
+            )
         for _ in range(turns):
             assert torch.equal(ours.sequences, reference.sequences)
             assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE
@@ -163,7 +170,8 @@ def assert_turns_match_oracle(pruned, stock, inputs: dict, turn: list[int], cach
             conversation = {"input_ids": sequence, "attention_mask": mask}
             reference_turn = oracle_inputs(conversation, image_output, pruned.config.image_token_id, policy)
             ours = pruned.generate(**conversation, **{cache_name: output_cache(ours)}, **greedy)
-            reference = stock.generate(**reference_turn, **cache_argument(output_cache(reference)), **greedy)
+            with hiding:
+                reference = stock.generate(**reference_turn, **cache_argument(output_cache(reference)), **greedy)
             assert torch.equal(ours.sequences[:, : sequence.shape[1]], sequence)
         assert torch.equal(ours.sequences, reference.sequences)
         assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE
