@@ -69,12 +69,12 @@ class ImageTokens:
 
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     layers = getattr(language_model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"in-LLM pruning hooks the decoder layers of the language model, and {type(language_model).__name__} "
-            "has no `layers` list; use a vision-stage selector ('cls_attention', 'uniform')"
-        )
-    return layers
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    raise ValueError(
+        f"in-LLM pruning hooks the decoder layers of the language model, and {type(language_model).__name__} "
+        "has no `layers` list; use a vision-stage selector ('cls_attention', 'uniform')"
+    )
 
 
 def check_prune_layer(text_config: Any, prune_layer: int) -> None:

@@ -378,7 +378,7 @@ BAD_ARGUMENTS = [
     (["convert", "{stock}", "{fresh}", "--min-tokens", "many"], "argument --min-tokens: invalid int value: 'many'"),
     (
         ["convert", "{stock}", "{fresh}", "--selector", "best"],
-        "selector must be one of ['cls_attention', 'uniform', 'fastv'], got 'best'",
+        "selector must be one of ['cls_attention', 'uniform', 'fastv', 'adaptprune'], got 'best'",
     ),
     (
         ["convert", "{stock}", "{fresh}", "--budget-scope", "crop"],

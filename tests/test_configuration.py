@@ -38,6 +38,10 @@ DOCUMENTED_DEFAULTS = {
     "vision_stage_selector": "none",
     "vision_stage_tokens": 288,
     "prune_layer": 2,
+    "adaptprune_prior_sigma": 0.5,
+    "adaptprune_radius": 5.0,
+    "adaptprune_distance_sigma": 1.5,
+    "adaptprune_similarity_sigma": 0.05,
     "position_policy": "compact",
 }
 
@@ -58,6 +62,10 @@ NON_DEFAULT_SETTINGS = {
     "vision_stage_selector": "uniform",
     "vision_stage_tokens": 100,
     "prune_layer": 3,
+    "adaptprune_prior_sigma": 0.25,
+    "adaptprune_radius": 3.0,
+    "adaptprune_distance_sigma": 1.0,
+    "adaptprune_similarity_sigma": 0.1,
     "position_policy": "original",
 }
 
@@ -73,6 +81,8 @@ BAD_VALUES = [
     ("vision_stage_selector", "fastv", "one of ['none', 'cls_attention', 'uniform']"),
     ("vision_stage_tokens", 0, INTEGER_AT_LEAST_ONE),
     ("prune_layer", 0, INTEGER_AT_LEAST_ONE),
+    ("adaptprune_radius", 0, "a number > 0"),
+    ("adaptprune_similarity_sigma", -0.1, "a number > 0"),
     ("position_policy", "x", f"one of {list(POSITION_POLICIES)}"),
     ("enabled", "yes", BOOLEAN),
     ("randomized_rank", 0, INTEGER_AT_LEAST_ONE),

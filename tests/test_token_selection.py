@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adaprune import PruningSettings
+from adaprune.method_adaptprune import AdaptPruneSelector
 from adaprune.method_cls_attention import ClsAttentionSelector
 from adaprune.method_fastv import FastVSelector
 from adaprune.method_uniform import UniformSelector
@@ -104,13 +105,16 @@ def test_registered_selectors_resolve_by_name() -> None:
     assert SELECTORS["cls_attention"].required_signals == frozenset({"cls_attention"})
     assert SELECTORS["uniform"].required_signals == frozenset()
     assert SELECTORS["fastv"].required_signals == frozenset({"prompt_attention"})
-    assert [SELECTORS[name].stage for name in ("cls_attention", "uniform", "fastv")] == ["vision", "vision", "language"]
-    assert sorted(SELECTORS) == ["cls_attention", "fastv", "uniform"]
+    assert PruningSettings(selector="adaptprune").token_selector == AdaptPruneSelector()
+    assert SELECTORS["adaptprune"].required_signals == frozenset({"prompt_attention", "keys", "grid"})
+    stages = [SELECTORS[name].stage for name in ("cls_attention", "uniform", "fastv", "adaptprune")]
+    assert stages == ["vision", "vision", "language", "language"]
+    assert sorted(SELECTORS) == ["adaptprune", "cls_attention", "fastv", "uniform"]
 
 
 def test_unknown_selector_names_are_rejected_listing_the_registered_ones() -> None:
     """The error lists the registered names."""
-    with pytest.raises(ValueError, match=r"\['cls_attention', 'uniform', 'fastv'\].*'nope'"):
+    with pytest.raises(ValueError, match=r"\['cls_attention', 'uniform', 'fastv', 'adaptprune'\].*'nope'"):
         PruningSettings(selector="nope")
 
 
