@@ -1,5 +1,6 @@
 """The prefill on the shortened sequence, shared by every pruning `*Model`: image features cut to their budgets,
-dropped placeholders removed from the batch, and the cache's pruning state for the steps that follow."""
+dropped placeholders removed from the batch, with an in-LLM selector the cut at its decoder layer
+(`decoder_pruning`), and the cache's pruning state for the steps that follow."""
 
 from __future__ import annotations
 
