@@ -28,6 +28,7 @@ from adaprune import AdaPruneLlavaForConditionalGeneration
 from adaprune.tools.demo import demo_images
 from adaprune.tools.model_card import CALIBRATION_FILE
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY
+from adaprune.tools.workflow import finally_kept, load_model, open_image
 
 BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
 SOURCE_LICENSE = "llama2"
@@ -275,6 +276,31 @@ def test_inspect_reports_budget_answers_and_prefill(
     assert [row[0] for row in rows] == ["pruned", "unpruned"]
     assert all(answer.split() for _, _, answer in rows)
     assert_nontrivial_png(tmp_path / "busy_kept_patches.png")
+
+
+def test_inspect_shows_the_tokens_an_in_llm_selector_keeps(
+    converted: SimpleNamespace, image_paths: list[Path], tmp_path: Path
+) -> None:
+    """With selector fastv the vision stage keeps every token; inspect reports (and draws) the budget the
+    selector keeps inside the language model, the same tokens a forward reports for its layer."""
+    busy = next(path for path in image_paths if path.stem == "busy")
+    settings = ["--selector", "fastv", "--prune-layer", 1, "--budget-mode", "fixed", "--fixed-tokens", 7]
+    code, out, err = run_cli(
+        ["inspect", converted.dir, busy, "--max-new-tokens", 2, "--repeats", 1, "--output-dir", tmp_path, *settings]
+    )
+    assert code == 0, err
+    assert f"busy.png: 7 of {SMALL_GEOMETRY.tokens_per_image} visual tokens kept" in out
+    assert_nontrivial_png(tmp_path / "busy_kept_patches.png")
+
+    overrides = {"selector": "fastv", "prune_layer": 1, "budget_mode": "fixed", "fixed_tokens": 7}
+    loaded = load_model(str(converted.dir), overrides)
+    inputs = loaded.processor(images=[open_image(busy)], text=["USER: <image> hi ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        vision_stage = loaded.model.get_image_features(pixel_values=inputs["pixel_values"])
+        assert len(vision_stage.kept_indices[0]) == SMALL_GEOMETRY.tokens_per_image
+        kept = finally_kept(loaded.model, inputs, vision_stage).kept_indices[0]
+        expected = loaded.model(**inputs).kept_indices_by_layer[1][0]
+    assert len(kept) == 7 and torch.equal(kept, expected)
 
 
 class FakeHub:

@@ -541,6 +541,16 @@ class Inspection:
     overlay: Path | None
 
 
+def finally_kept(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], image_output: Any) -> Any:
+    """`image_output` with the tokens each image keeps in the end: an in-LLM selector chooses them inside the
+    language model, so a forward on `inputs` tells (its deepest pruning layer's); a vision-stage selector's are
+    already there."""
+    if model.config.pruning.token_selector.stage == "language":
+        by_layer = model(**inputs).kept_indices_by_layer
+        image_output.kept_indices = by_layer[max(by_layer)]
+    return image_output
+
+
 def inspect_image(
     loaded: LoadedModel,
     image_path: Path,
@@ -556,7 +566,7 @@ def inspect_image(
     processor, model = loaded.processor, loaded.model
     inputs = processor(images=[image], text=[prompt_for(processor, question)], return_tensors="pt")
     with torch.no_grad():
-        image_output = model.get_image_features(**_image_inputs(processor, [image]))
+        image_output = finally_kept(model, inputs, model.get_image_features(**_image_inputs(processor, [image])))
     budget, tokens = int(image_output.token_budgets.sum()), sum(image_output.visual_tokens_per_image)
     answers, timings = {}, {}
     was_enabled = model.config.enabled
