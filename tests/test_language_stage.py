@@ -12,8 +12,14 @@ import random
 
 import pytest
 import torch
-from support.oracle import assert_matches_layer_oracle, assert_turns_match_oracle, load_pruned, random_prompts
-from transformers import LlavaForConditionalGeneration, LlavaProcessor, MistralConfig, Qwen2Config
+from support.oracle import (
+    assert_matches_layer_oracle,
+    assert_turns_match_oracle,
+    llava15_case,
+    load_pruned,
+    random_prompts,
+)
+from transformers import MistralConfig, Qwen2Config
 
 from adaprune.compat import CACHE_ARGUMENT
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
@@ -105,12 +111,8 @@ def test_llava15_geometry_with_energy_budgets_matches_the_oracle(
     selector: str, llava15_checkpoint, llava15_images: dict
 ) -> None:
     """576 tokens per image, vision width 1024: each image's E-AdaPrune budget, chosen inside the language model."""
-    processor = LlavaProcessor.from_pretrained(llava15_checkpoint)
-    stock = LlavaForConditionalGeneration.from_pretrained(llava15_checkpoint).eval()
+    stock, inputs = llava15_case(llava15_checkpoint, llava15_images)
     pruned = load_pruned(llava15_checkpoint, selector=selector, prune_layer=1, energy_ratio=0.9, min_tokens=4)
-    prompts = ["USER: <image> describe this picture ASSISTANT:", "USER: <image> and <image> compare ASSISTANT:"]
-    images = [llava15_images["busy"], llava15_images["plain"], llava15_images["shapes"]]
-    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
 
     assert_matches_layer_oracle(pruned, stock, inputs, max_new_tokens=3)
     with torch.no_grad():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from support.oracle import assert_matches_oracle, load_pruned, random_prompts
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from support.oracle import assert_matches_oracle, llava15_case, load_pruned, random_prompts
+from transformers import LlavaProcessor
 
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
 
@@ -41,12 +41,8 @@ def test_llava15_geometry_matches_masked_stock_model(
     position_policy: str, llava15_checkpoint, llava15_images: dict
 ) -> None:
     """576 tokens per image, vision width 1024: different budgets per row, two images in one prompt."""
-    processor = LlavaProcessor.from_pretrained(llava15_checkpoint)
-    stock = LlavaForConditionalGeneration.from_pretrained(llava15_checkpoint).eval()
+    stock, inputs = llava15_case(llava15_checkpoint, llava15_images)
     pruned = load_pruned(llava15_checkpoint, energy_ratio=0.9, min_tokens=4, position_policy=position_policy)
-    prompts = ["USER: <image> describe this picture ASSISTANT:", "USER: <image> and <image> compare ASSISTANT:"]
-    images = [llava15_images["busy"], llava15_images["plain"], llava15_images["shapes"]]
-    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
     assert int((inputs["input_ids"] == pruned.config.image_token_id).sum()) == 3 * 576
 
     budgets = assert_matches_oracle(pruned, stock, inputs).token_budgets

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from transformers import PretrainedConfig
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, PretrainedConfig
 from typing_extensions import Self
 
 from adaprune import AdaPruneLlavaForConditionalGeneration, AdaPruneLlavaNextForConditionalGeneration
@@ -98,6 +98,16 @@ def oracle_inputs(inputs: dict, image_output, image_token_id: int, position_poli
     source_mask = mask if position_policy == "compact" else inputs["attention_mask"]
     positions = (source_mask.cumsum(-1) - 1).clamp_min(0)
     return {**inputs, "attention_mask": mask, "position_ids": positions}
+
+
+def llava15_case(checkpoint: Path, images: dict) -> tuple[LlavaForConditionalGeneration, dict]:
+    """The stock model of a LLaVA-1.5-geometry checkpoint and a left-padded batch of its processor: one prompt with
+    one image, one with two (busy, plain, shapes)."""
+    processor = LlavaProcessor.from_pretrained(checkpoint)
+    stock = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    prompts = ["USER: <image> describe this picture ASSISTANT:", "USER: <image> and <image> compare ASSISTANT:"]
+    pictures = [images["busy"], images["plain"], images["shapes"]]
+    return stock, processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
 
 
 def max_abs_diff(first: Iterable[torch.Tensor], second: Iterable[torch.Tensor]) -> float:
