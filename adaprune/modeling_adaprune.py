@@ -107,6 +107,14 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
             visual_tokens_per_image=[projected.shape[1]] * projected.shape[0],
         )
 
+    def _token_grid(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if side * side != n_tokens:  # e.g. the [CLS] token of the 'full' strategy
+            return None
+        index = torch.arange(n_tokens, device=device)
+        return torch.stack([index // side, index % side], dim=-1)
+
     forward = with_signature_of(LlavaModel.forward)(PrunedPrefillMixin.forward)
 
 

@@ -280,14 +280,9 @@ class PrunedPrefillMixin:
         )
 
     def _token_grid(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """(N, 2) patch-grid row and column of each of an image's N tokens, or None when they are not the
-        tower's square grid (e.g. with the [CLS] token of the 'full' strategy)."""
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        if side * side != n_tokens:
-            return None
-        index = torch.arange(n_tokens, device=device)
-        return torch.stack([index // side, index % side], dim=-1)
+        """(N, 2) patch-grid row and column of each of an image's N tokens, or None when they are no square grid
+        (a variant's own layout)."""
+        raise NotImplementedError
 
     _held_selections: dict[int, torch.Tensor] | None = None
 
