@@ -4,16 +4,17 @@ to the image's packed sequence, newlines following the newline policy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .anyres_layout import PackedLayout, budget_units, with_row_newlines
 from .configuration_adaprune import AnyResPruningSettings
+from .decoder_pruning import SelectionUnits
 from .image_pruning import UnitGroup, prune_groups
 from .pruning_outputs import AdaPruneImageFeaturesOutput
-from .token_selection import kept_indices_from_mask
+from .token_selection import PatchGrid, kept_indices_from_mask
 from .vision_probes import TowerFeatures
 
 
@@ -99,7 +100,10 @@ def prune_packed_images(
     n_images, longest = len(packed), max(len(layout) for layout in layouts)
     keep = torch.zeros(n_images * longest, dtype=torch.long, device=device)
     token_budgets = torch.zeros(n_images, dtype=torch.long, device=device)
+    unit_images = [image for batch in batches for image in batch.group.images]
+    budgets_by_unit = torch.zeros(len(unit_images), dtype=torch.long, device=device)
     for batch, pruning in zip(batches, prunings):
+        budgets_by_unit[torch.tensor(batch.unit_ids, device=device)] = pruning.token_budgets
         unit_length = batch.positions.shape[1]
         kept_local = pruning.padded_kept_indices
         kept_positions = batch.positions.gather(1, kept_local.clamp_max(unit_length - 1))
@@ -124,4 +128,34 @@ def prune_packed_images(
         kept_indices=kept_indices,
         tokens_per_image=[len(layout) for layout in layouts],
         visual_tokens_per_image=[len(layout.token_positions) for layout in layouts],
+        unit_budgets=list(budgets_by_unit.split([unit_images.count(image) for image in range(n_images)])),
+        packed_layouts=layouts,
     )
+
+
+def packed_selection_units(
+    layouts: list[PackedLayout], unit_budgets: list[torch.LongTensor], settings: AnyResPruningSettings, device
+) -> SelectionUnits:
+    """The budget units of packed images for an in-LLM selector: each unit's visual tokens (newlines belong to
+    none), each crop a grid of its own, and with `newline_policy="keep_rows"` every newline kept with its row."""
+    longest = max(len(layout) for layout in layouts)
+    unit = torch.full((len(layouts), longest), -1, dtype=torch.long)
+    slot = torch.full_like(unit, -1)
+    for unit_id, (image, positions) in enumerate(budget_units(layouts, settings.budget_scope)):
+        unit[image, positions] = unit_id
+        slot[image, positions] = torch.arange(len(positions))
+
+    def padded(name: str, fill: int | bool) -> torch.Tensor:
+        values = [getattr(layout, name) for layout in layouts]
+        return pad_sequence(values, batch_first=True, padding_value=fill).to(device)
+
+    side = layouts[0].patches_per_side
+    units = SelectionUnits(unit.to(device), slot.to(device), torch.cat(unit_budgets), int(slot.max()) + 1)
+    patch = padded("patch", -1).clamp_min(0)
+    grid = PatchGrid(
+        cell=units.to_units(torch.stack([patch // side, patch % side], dim=-1), 0),
+        view=units.to_units(padded("crop", -1), -1),
+        side=side,
+    )
+    rows = (padded("row", -1), padded("is_newline", False)) if settings.newline_policy == "keep_rows" else None
+    return replace(units, grid=grid, newline_rows=rows)

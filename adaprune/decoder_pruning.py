@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .anyres_layout import with_row_newlines
 from .compat import causal_mask_for_layer
 from .decoder_probes import attention_module, capturing_prompt_attention, hidden_states_argument
 from .sequence_compaction import CompactionPlan, PruningState, left_compaction
 from .settings import LanguageModelSelector
+from .token_selection import PatchGrid
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,58 @@ class ImageTokens:
         is_image = self.image >= 0
         flat = (self.image * keep.shape[1] + self.token).clamp_min(0)
         return padding_mask.bool() & (~is_image | keep.flatten()[flat])
+
+
+@dataclass(frozen=True)
+class SelectionUnits:
+    """The rows an in-LLM selector chooses in: budget units (a LLaVA image; a LLaVA-NeXT image or crop, as its
+    `budget_scope` says), each with its budget.
+
+    unit, slot: (n_images, P) the unit of each of the images' P tokens and its index there (-1: a token no
+        selector chooses, such as a LLaVA-NeXT newline).
+    budgets: (n_units,) tokens each unit keeps; n_slots: the longest unit's length.
+    grid: where each unit's tokens sit on the patch grid (None: they are no grid).
+    newline_rows: for LLaVA-NeXT's newline policy "keep_rows", the (n_images, P) grid row of each token and
+        whether it is a newline: a newline stays when its row keeps a token.
+    """
+
+    unit: torch.LongTensor
+    slot: torch.LongTensor
+    budgets: torch.LongTensor
+    n_slots: int
+    grid: PatchGrid | None = None
+    newline_rows: tuple[torch.LongTensor, torch.BoolTensor] | None = None
+
+    @classmethod
+    def whole_images(cls, budgets: torch.LongTensor, n_tokens: int, grid_side: int | None) -> SelectionUnits:
+        """Each image one unit of its `n_tokens` tokens, on a `grid_side` square grid (None: no grid)."""
+        n_images, device = len(budgets), budgets.device
+        slot = torch.arange(n_tokens, device=device).expand(n_images, -1)
+        unit = torch.arange(n_images, device=device).unsqueeze(1).expand(-1, n_tokens)
+        grid = None if grid_side is None else PatchGrid.square(grid_side, n_images, device)
+        return cls(unit=unit, slot=slot, budgets=budgets, n_slots=n_tokens, grid=grid)
+
+    def _flat(self) -> tuple[torch.BoolTensor, torch.LongTensor]:
+        chosen = self.unit >= 0
+        return chosen, (self.unit * self.n_slots + self.slot)[chosen]
+
+    def to_units(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """(n_images, P, ...) per-token values as (n_units, n_slots, ...), `fill` where a unit has no such slot."""
+        chosen, flat = self._flat()
+        out = torch.full(
+            (len(self.budgets) * self.n_slots, *values.shape[2:]), fill, dtype=values.dtype, device=values.device
+        )
+        out[flat] = values[chosen]
+        return out.view(len(self.budgets), self.n_slots, *values.shape[2:])
+
+    def to_images(self, keep: torch.Tensor) -> torch.BoolTensor:
+        """The units' (n_units, n_slots) keep mask as the images' (n_images, P) one, newlines as their policy says."""
+        chosen, flat = self._flat()
+        kept = torch.zeros_like(chosen)
+        kept[chosen] = keep.flatten()[flat]
+        if self.newline_rows is not None:
+            kept = with_row_newlines(kept, *self.newline_rows)
+        return kept
 
 
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
@@ -127,7 +181,7 @@ def _layer_pre_hooks(
 
 @dataclass
 class LayerCut:
-    """What the prefill's cut at layer K chose: the selector's keep mask (n_images, n_tokens) and the compaction
+    """What the prefill's cut at layer K chose: which of the images' tokens stay (n_images, P) and the compaction
     of the language model's input batch that layers from K on see."""
 
     keep: torch.Tensor | None = None
@@ -138,19 +192,16 @@ class LayerCut:
 def pruning_inside(
     language_model: nn.Module,
     selector: LanguageModelSelector,
-    budgets: torch.Tensor,
+    units: SelectionUnits,
     tokens: ImageTokens,
-    n_tokens: int,
     padding_mask: torch.Tensor,
     cache: Any,
-    grid: torch.Tensor | None = None,
     held_keep: torch.Tensor | None = None,
 ) -> Iterator[LayerCut]:
     """While the language model runs its prefill on a batch with `padding_mask` (B, L), drops from layer K on the
-    visual tokens `selector` does not keep, `budgets[i]` for image i (`tokens` says where the images' tokens are),
-    or those `held_keep` (n_images, n_tokens) does not keep, when an earlier pass chose them. `grid`: the (N, 2)
-    patch-grid row and column of an image's tokens, for selectors that need it. The `LayerCut` is filled in when
-    layer K runs."""
+    visual tokens `selector` does not keep (it chooses in each of the `units` its budget; `tokens` says where the
+    images' tokens are), or those `held_keep` (n_images, P) does not keep, when an earlier pass chose them. The
+    `LayerCut` is filled in when layer K runs."""
     layers = decoder_layers(language_model)
     layer_k = selector.prune_layer
     check_prune_layer(language_model.config, layer_k)
@@ -164,7 +215,7 @@ def pruning_inside(
                 cut.keep = held_keep
             else:
                 signals = layer_signals(hidden_states_argument(args, kwargs))
-                cut.keep = selector.keep_mask(signals, budgets) & signals["present"]
+                cut.keep = units.to_images(selector.keep_mask(signals, units.budgets) & signals["present"])
             cut.plan = left_compaction(tokens.kept_positions(cut.keep, padding_mask))
             hidden = cut.plan.gather(hidden_states_argument(args, kwargs))
             position_ids = kwargs.get("position_ids")
@@ -183,26 +234,27 @@ def pruning_inside(
             args, kwargs = _with_hidden_states(args, kwargs, hidden)
         return args, {**kwargs, **segment}
 
-    def layer_signals(layer_input: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What the selector reads, per image: the tokens present and the signals it requires."""
-        n_images = len(budgets)
-        signals = {"present": tokens.per_image(padding_mask, n_images, n_tokens, False)}
+    def per_unit(values: torch.Tensor, fill: float) -> torch.Tensor:
+        n_images, n_tokens = units.unit.shape
+        return units.to_units(tokens.per_image(values, n_images, n_tokens, fill), fill)
+
+    def layer_signals(layer_input: torch.Tensor) -> dict[str, Any]:
+        """What the selector reads, per unit: the tokens present and the signals it requires."""
+        signals: dict[str, Any] = {"present": per_unit(padding_mask, False)}
         if "prompt_attention" in selector.required_signals:
-            signals["prompt_attention"] = tokens.per_image(
-                captured["prompt_attention"], n_images, n_tokens, float("-inf")
-            )
+            signals["prompt_attention"] = per_unit(captured["prompt_attention"], float("-inf"))
         if "keys" in selector.required_signals:
             with torch.no_grad():
                 keys = layers[layer_k].self_attn.k_proj(layer_input)
-            signals["keys"] = tokens.per_image(keys, n_images, n_tokens, 0.0)
+            signals["keys"] = per_unit(keys, 0.0)
         if "grid" in selector.required_signals:
-            if grid is None:
+            if units.grid is None:
                 raise ValueError(
-                    f"selector {selector.name!r} places each image's {n_tokens} tokens on a square patch grid, and "
-                    "these images' tokens are not one (vision_feature_select_strategy='full' adds the [CLS] "
-                    "token); use the 'default' strategy or selector 'fastv'"
+                    f"selector {selector.name!r} places each image's tokens on a square patch grid, and these "
+                    "images' tokens are not one (vision_feature_select_strategy='full' adds the [CLS] token); use "
+                    "the 'default' strategy or selector 'fastv'"
                 )
-            signals["grid"] = grid
+            signals["grid"] = units.grid
         return signals
 
     padding_mask = padding_mask.bool()

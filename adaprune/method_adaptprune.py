@@ -8,25 +8,24 @@ from typing import ClassVar
 import torch
 
 from .settings import LanguageModelSelector, is_number, setting
+from .token_selection import PatchGrid
 
 
 def _positive(help_text: str, default: float) -> float:
     return setting(default, help_text, check=lambda value: is_number(value) and value > 0, expected="a number > 0")
 
 
-def centred_prior(grid: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A centred isotropic Gaussian over a square patch grid ((N, 2) row/column of each token), peak 1; `sigma`
-    is a fraction of the grid side (the released code's 12 on 24 x 24 is 0.5)."""
-    side = int(grid.max()) + 1
-    coordinates = torch.linspace(-0.5, 0.5, side, device=grid.device)[grid.long()]
-    prior = torch.exp(-(coordinates**2).sum(-1) / (2 * sigma**2))
-    return prior / prior.max()
+def centred_prior(grid: PatchGrid, sigma: float) -> torch.Tensor:
+    """(n, N) an isotropic Gaussian centred on each view of the grid (each LLaVA-NeXT crop its own), peak 1 in each
+    unit; `sigma` is a fraction of the view's side (the released code's 12 on 24 x 24 is 0.5)."""
+    prior = torch.exp(-grid.centred().pow(2).sum(-1) / (2 * sigma**2))
+    return prior / prior.amax(dim=-1, keepdim=True)
 
 
 def soft_suppression_keep(
     scores: torch.Tensor,
     keys: torch.Tensor,
-    grid: torch.Tensor,
+    grid: PatchGrid,
     budgets: torch.Tensor,
     radius: float,
     distance_sigma: float,
@@ -35,14 +34,13 @@ def soft_suppression_keep(
     """Greedy soft non-maximum suppression, batched over images: (n, N) bool, `budgets[i]` tokens per image.
 
     Each round every image keeps its highest remaining score t, and each token j within `radius` grid cells of t
-    has its score multiplied by 1 - exp(-d²/(2 distance_sigma²)) exp(-(1 - cos)²/(2 similarity_sigma²)), where d
-    is the grid distance and cos the cosine of the two tokens' keys. scores: (n, N), -inf for tokens that cannot
-    be kept; keys: (n, N, d); grid: (N, 2). One round per kept token of the largest budget, all on the device.
+    (in its view) has its score multiplied by 1 - exp(-d²/(2 distance_sigma²)) exp(-(1 - cos)²/(2
+    similarity_sigma²)), where d is the grid distance and cos the cosine of the two tokens' keys. scores: (n, N),
+    -inf for tokens that cannot be kept; keys: (n, N, d). One round per kept token of the largest budget, all on
+    the device.
     """
     n_images, n_tokens = scores.shape
     unit_keys = torch.nn.functional.normalize(keys.float(), dim=-1)
-    distance2 = (grid[:, None, :].float() - grid[None, :, :].float()).pow(2).sum(-1)  # (N, N)
-    spatial = torch.exp(-distance2 / (2 * distance_sigma**2)) * (distance2 <= radius**2)
     remaining = scores.float().clone()
     keep = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=scores.device)
     rows = torch.arange(n_images, device=scores.device)
@@ -51,7 +49,9 @@ def soft_suppression_keep(
         chosen = remaining.argmax(dim=-1)
         keep[rows, chosen] |= active.squeeze(-1)
         cosine = (unit_keys * unit_keys[rows, chosen].unsqueeze(1)).sum(-1)
-        decay = spatial[chosen] * torch.exp(-((1 - cosine) ** 2) / (2 * similarity_sigma**2))
+        distance2 = grid.squared_distances(chosen)
+        spatial = torch.exp(-distance2 / (2 * distance_sigma**2)) * (distance2 <= radius**2)
+        decay = spatial * torch.exp(-((1 - cosine) ** 2) / (2 * similarity_sigma**2))
         suppressed = remaining * (1 - decay)
         suppressed[rows, chosen] = float("-inf")
         remaining = torch.where(active & torch.isfinite(remaining), suppressed, remaining)
@@ -68,7 +68,9 @@ class AdaptPruneSelector(LanguageModelSelector):
 
     As released, except that a chosen token is excluded explicitly (the released code relies on its score
     becoming 0, which picks it again when every other score is 0) and the prior's width is a fraction of any grid
-    side instead of 12 cells of a 24 x 24 grid."""
+    side instead of 12 cells of a 24 x 24 grid. The released code is LLaVA-1.5 only; on LLaVA-NeXT every crop (the
+    base crop and each high-resolution crop) is a grid of its own: its own centred prior, and suppression never
+    crosses a crop's edge."""
 
     name: ClassVar[str] = "adaptprune"
     required_signals: ClassVar[frozenset[str]] = frozenset({"prompt_attention", "keys", "grid"})

@@ -32,11 +32,12 @@ from transformers.models.llava_next.modeling_llava_next import (
 from transformers.utils.generic import can_return_tuple
 
 from .anyres_layout import PackedLayout, config_packed_layout
-from .anyres_pruning import packed_energy_curves, prune_packed_images
+from .anyres_pruning import packed_energy_curves, packed_selection_units, prune_packed_images
 from .compat import (
     with_signature_of,
 )
 from .configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, AnyResPruningSettings, PruningSettings
+from .decoder_pruning import SelectionUnits
 from .image_pruning import prune_images
 from .pruned_generation import PrunedGenerationMixin
 from .pruned_prefill import PrunedPrefillMixin
@@ -105,15 +106,15 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
             kept_indices=pruning.kept_indices,
             tokens_per_image=[projected.shape[1]] * projected.shape[0],
             visual_tokens_per_image=[projected.shape[1]] * projected.shape[0],
+            unit_budgets=list(pruning.token_budgets.unsqueeze(-1)),
         )
 
-    def _token_grid(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
+    def _selection_units(self, image_output: AdaPruneImageFeaturesOutput, settings: PruningSettings) -> SelectionUnits:
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
-        if side * side != n_tokens:  # e.g. the [CLS] token of the 'full' strategy
-            return None
-        index = torch.arange(n_tokens, device=device)
-        return torch.stack([index // side, index % side], dim=-1)
+        n_tokens = image_output.tokens_per_image[0]
+        square = side * side == n_tokens  # not with the [CLS] token of the 'full' strategy
+        return SelectionUnits.whole_images(image_output.token_budgets, n_tokens, side if square else None)
 
     forward = with_signature_of(LlavaModel.forward)(PrunedPrefillMixin.forward)
 
@@ -165,13 +166,6 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
 
-    def _check_pruning(self, settings: AnyResPruningSettings, text_config: Any) -> None:
-        if settings.token_selector.stage == "language":
-            raise ValueError(
-                f"selector={settings.selector!r} prunes inside the language model, which is built for LLaVA (1.5) "
-                "models so far, not LLaVA-NeXT; use selector='cls_attention' or 'uniform'"
-            )
-
     def _stock_image_features(self, **stock_kwargs: Any) -> BaseModelOutputWithPooling:
         if stock_kwargs.get("image_sizes") is None:
             raise ValueError(
@@ -204,6 +198,13 @@ class AdaPruneLlavaNextModel(PrunedPrefillMixin, LlavaNextModel):
         self, features: TowerFeatures, signals: dict[str, torch.Tensor], settings: AnyResPruningSettings
     ) -> AdaPruneImageFeaturesOutput:
         return prune_packed_images(features, signals, settings, self._layouts(features))
+
+    def _selection_units(
+        self, image_output: AdaPruneImageFeaturesOutput, settings: AnyResPruningSettings
+    ) -> SelectionUnits:
+        return packed_selection_units(
+            image_output.packed_layouts, image_output.unit_budgets, settings, image_output.token_budgets.device
+        )
 
     forward = with_signature_of(LlavaNextModel.forward)(PrunedPrefillMixin.forward)
 

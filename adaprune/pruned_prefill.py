@@ -20,7 +20,14 @@ from .compat import (
     pop_cache,
 )
 from .configuration_adaprune import PruningSettings
-from .decoder_pruning import ImageTokens, LayerCut, check_prune_layer, continuing_pruned_cache, pruning_inside
+from .decoder_pruning import (
+    ImageTokens,
+    LayerCut,
+    SelectionUnits,
+    check_prune_layer,
+    continuing_pruned_cache,
+    pruning_inside,
+)
 from .pruning_outputs import AdaPruneImageFeaturesOutput, is_pruned
 from .sequence_compaction import (
     Compaction,
@@ -234,7 +241,7 @@ class PrunedPrefillMixin:
             state = state.then(Compaction(layer, cut.plan))
             positions = cut.plan.gather(positions)
             plan = plan.then(cut.plan)
-            kept_by_layer[layer] = kept_indices_from_mask(cut.keep, image_output.token_budgets.tolist())[1]
+            kept_by_layer[layer] = kept_indices_from_mask(cut.keep, cut.keep.sum(-1).tolist())[1]
         new_cache = output_cache(outputs)
         if new_cache is not None:
             setattr(new_cache, PRUNING_STATE_ATTRIBUTE, state)
@@ -264,24 +271,21 @@ class PrunedPrefillMixin:
         selector = settings.token_selector
         if selector.stage != "language":
             return nullcontext()
-        tokens_per_image = image_output.tokens_per_image
-        tokens = ImageTokens.from_placeholders(placeholders, tokens_per_image).compacted(plan)
+        tokens = ImageTokens.from_placeholders(placeholders, image_output.tokens_per_image).compacted(plan)
         held = None if self._held_selections is None else self._held_selections.get(id(image_output))
         return pruning_inside(
             self.language_model,
             selector,
-            image_output.token_budgets,
+            self._selection_units(image_output, settings),
             tokens,
-            max(tokens_per_image),
             plan.attention_mask,
             cache,
-            grid=self._token_grid(max(tokens_per_image), plan.attention_mask.device),
             held_keep=held,
         )
 
-    def _token_grid(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """(N, 2) patch-grid row and column of each of an image's N tokens, or None when they are no square grid
-        (a variant's own layout)."""
+    def _selection_units(self, image_output: AdaPruneImageFeaturesOutput, settings: PruningSettings) -> SelectionUnits:
+        """The budget units an in-LLM selector chooses in, with their budgets and patch grids (a variant's own
+        packing of image tokens)."""
         raise NotImplementedError
 
     _held_selections: dict[int, torch.Tensor] | None = None

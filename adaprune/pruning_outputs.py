@@ -17,6 +17,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextModelOutputWithPast,
 )
 
+from .anyres_layout import PackedLayout
+
 
 @dataclass
 class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
@@ -28,12 +30,17 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
         and no vision stage, every token.
     tokens_per_image: per image, its number of unpruned tokens (= its placeholders in the prompt).
     visual_tokens_per_image: per image, the tokens its budget is drawn from (LLaVA-NeXT: without the newlines).
+    unit_budgets: per image, the budgets of its budget units (LLaVA-NeXT with budget_scope="crop": one per crop
+        with tokens, base crop first; else one), summing to its token budget.
+    packed_layouts: LLaVA-NeXT: per image, where each position of its packed sequence comes from.
     """
 
     token_budgets: torch.LongTensor | None = None
     kept_indices: list[torch.LongTensor] | None = None
     tokens_per_image: list[int] | None = None
     visual_tokens_per_image: list[int] | None = None
+    unit_budgets: list[torch.LongTensor] | None = None
+    packed_layouts: list[PackedLayout] | None = None
 
     def select_images(self, order: list[int]) -> AdaPruneImageFeaturesOutput:
         """The same output for the images in `order` (repeats allowed), as beam search needs."""
@@ -43,6 +50,8 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
             kept_indices=[self.kept_indices[image] for image in order],
             tokens_per_image=[self.tokens_per_image[image] for image in order],
             visual_tokens_per_image=[self.visual_tokens_per_image[image] for image in order],
+            unit_budgets=[self.unit_budgets[image] for image in order],
+            packed_layouts=None if self.packed_layouts is None else [self.packed_layouts[image] for image in order],
         )
 
 

@@ -6,7 +6,40 @@ these. All functions are batched over units and free of per-token Python loops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Where each of n units' N tokens sits on a patch grid, for selectors with a spatial side: `cell` (n, N, 2)
+    its row and column in its view, a square of `side` x `side` patches (a LLaVA image; a LLaVA-NeXT crop), and
+    `view` (n, N) which view of its unit that is (-1: no place on a grid). Tokens of different views are never
+    neighbours."""
+
+    cell: torch.LongTensor
+    view: torch.LongTensor
+    side: int
+
+    @classmethod
+    def square(cls, side: int, n_units: int, device: torch.device | None = None) -> PatchGrid:
+        """Every unit one view of side x side tokens in raster order."""
+        index = torch.arange(side * side, device=device)
+        cell = torch.stack([index // side, index % side], dim=-1)
+        return cls(cell=cell.expand(n_units, -1, -1), view=torch.zeros_like(index).expand(n_units, -1), side=side)
+
+    def centred(self) -> torch.Tensor:
+        """(n, N, 2) coordinates in [-0.5, 0.5] across each view (its centre at 0)."""
+        return self.cell.float() / max(self.side - 1, 1) - 0.5
+
+    def squared_distances(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """(n, N) squared distance in patches from token `tokens[i]` of unit i to each of its tokens; inf in other
+        views."""
+        rows = torch.arange(len(tokens), device=tokens.device)
+        offset = (self.cell - self.cell[rows, tokens].unsqueeze(1)).float()
+        same_view = self.view == self.view[rows, tokens].unsqueeze(1)
+        return offset.pow(2).sum(-1).masked_fill(~same_view, float("inf"))
 
 
 def top_k_mask(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:

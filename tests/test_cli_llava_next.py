@@ -65,3 +65,16 @@ def test_inspect_draws_kept_patches_and_compares_answers(calibrated: dict, image
     overlays = list(tmp_path.glob("*.png"))
     assert len(overlays) == 1
     assert_nontrivial_png(overlays[0])
+
+
+def test_inspect_shows_the_tokens_adaptprune_keeps_per_crop(calibrated: dict, images_dir: Path, tmp_path: Path) -> None:
+    """In-LLM selection on packed crops: with per-crop budgets of 7, the large image's five crops keep 35 tokens
+    inside the language model, and inspect reports and draws those."""
+    settings = ["--selector", "adaptprune", "--prune-layer", 1, "--budget-mode", "fixed", "--fixed-tokens", 7]
+    code, out, err = run_cli(
+        ["inspect", calibrated["dir"], images_dir / "large.png", "--max-new-tokens", 2, "--repeats", 1,
+         "--output-dir", tmp_path, *settings]
+    )
+    assert code == 0, err
+    assert "large.png: 35 of 2016 visual tokens kept" in out
+    assert_nontrivial_png(tmp_path / "large_kept_patches.png")

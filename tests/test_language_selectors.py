@@ -12,6 +12,7 @@ from support.oracle import load_pruned
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from adaprune.method_adaptprune import AdaptPruneSelector, centred_prior, soft_suppression_keep
+from adaprune.token_selection import PatchGrid
 
 
 def loop_suppression(scores, keys, side, budget, radius=5.0, distance_sigma=1.5, similarity_sigma=0.05):
@@ -50,7 +51,7 @@ def test_soft_suppression_equals_the_loop_reference(seed: int) -> None:
     keys = keys + 0.03 * torch.randn(keys.shape, generator=generator, dtype=torch.float64)
     budgets = torch.randint(1, 20, (n_images,), generator=generator)
 
-    keep = soft_suppression_keep(scores, keys, grid_of(side), budgets, 5.0, 1.5, 0.05)
+    keep = soft_suppression_keep(scores, keys, PatchGrid.square(side, n_images), budgets, 5.0, 1.5, 0.05)
     for image in range(n_images):
         expected = loop_suppression(scores[image], keys[image], side, int(budgets[image]))
         assert keep[image].nonzero().flatten().tolist() == expected
@@ -63,7 +64,7 @@ def test_suppression_spreads_choices_over_similar_neighbours() -> None:
     grid = grid_of(side)
     scores = torch.exp(-((grid - 4).float() ** 2).sum(-1) / 8).unsqueeze(0)
     keys = torch.ones(1, side * side, 4)
-    keep = soft_suppression_keep(scores, keys, grid, torch.tensor([5]), 5.0, 1.5, 0.05)
+    keep = soft_suppression_keep(scores, keys, PatchGrid.square(side, 1), torch.tensor([5]), 5.0, 1.5, 0.05)
     picked = grid[keep[0]].float()
     assert torch.cdist(picked, picked).add(torch.eye(5) * 99).min() >= 2
     top = scores[0].topk(5).indices
@@ -72,10 +73,38 @@ def test_suppression_spreads_choices_over_similar_neighbours() -> None:
 
 def test_the_prior_is_the_released_gaussian_on_24_by_24() -> None:
     """sigma 0.5 of the side is the released exp(-(x² + y²) / (2 * 12²)) on linspace(-12, 12, 24), peak 1."""
-    prior = centred_prior(grid_of(24), 0.5).view(24, 24)
+    prior = centred_prior(PatchGrid.square(24, 1), 0.5).view(24, 24)
     axis = torch.linspace(-12, 12, 24)
     released = torch.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * 12.0**2))
     torch.testing.assert_close(prior, released / released.max())
+
+
+def two_crops(side: int) -> PatchGrid:
+    """One unit of two side x side crops (views 0 and 1), as a LLaVA-NeXT image's base crop and one grid crop."""
+    square = PatchGrid.square(side, 1)
+    return PatchGrid(
+        cell=square.cell.repeat(1, 2, 1),
+        view=torch.arange(2).repeat_interleave(side * side).unsqueeze(0),
+        side=side,
+    )
+
+
+def test_each_crop_has_its_own_centred_prior() -> None:
+    grid = two_crops(5)
+    prior = centred_prior(grid, 0.5).view(2, 25)
+    torch.testing.assert_close(prior[0], prior[1])
+    assert int(prior[0].argmax()) == 12 and float(prior.max()) == 1.0
+
+
+def test_suppression_stays_within_a_crop() -> None:
+    """Equal keys, and the same bright spot in both crops: the picks alternate between the crops (a pick suppresses
+    its neighbours in its own crop only), so the same cell is kept in each."""
+    side = 7
+    grid = two_crops(side)
+    spot = torch.exp(-((grid_of(side) - 3).float() ** 2).sum(-1) / 8)
+    scores = torch.cat([spot, spot * 0.99]).unsqueeze(0)
+    keep = soft_suppression_keep(scores, torch.ones(1, 2 * side * side, 4), grid, torch.tensor([2]), 5.0, 1.5, 0.05)
+    assert keep[0].nonzero().flatten().tolist() == [24, 49 + 24]
 
 
 def test_absent_tokens_are_never_kept() -> None:
@@ -87,7 +116,7 @@ def test_absent_tokens_are_never_kept() -> None:
     budgets = present.sum(-1)
     selector = AdaptPruneSelector()
     keep = selector.keep_mask(
-        {"prompt_attention": scores, "keys": torch.randn(2, 25, 4), "grid": grid_of(side)}, budgets
+        {"prompt_attention": scores, "keys": torch.randn(2, 25, 4), "grid": PatchGrid.square(side, 2)}, budgets
     )
     assert torch.equal(keep, present)
 

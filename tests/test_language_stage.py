@@ -15,12 +15,14 @@ import torch
 from support.oracle import (
     assert_matches_layer_oracle,
     assert_turns_match_oracle,
+    image_features,
     llava15_case,
     load_pruned,
     random_prompts,
 )
 from transformers import MistralConfig, Qwen2Config
 
+from adaprune.anyres_layout import budget_units
 from adaprune.compat import CACHE_ARGUMENT
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
 
@@ -151,14 +153,46 @@ def test_adaptprune_needs_a_patch_grid(tmp_path, small_images: dict) -> None:
     build_stock_model(config).save_pretrained(tmp_path)
     pruned = load_pruned(tmp_path, selector="adaptprune", budget_mode="fixed", fixed_tokens=4)
     inputs = processor(images=[small_images["busy"]], text=["USER: <image> hi ASSISTANT:"], return_tensors="pt")
-    with pytest.raises(ValueError, match=r"'adaptprune' places each image's 65 tokens on a square patch grid"):
+    with pytest.raises(ValueError, match=r"'adaptprune' places each image's tokens on a square patch grid"):
         pruned(**inputs)
     load_pruned(tmp_path, selector="fastv", budget_mode="fixed", fixed_tokens=4)(**inputs)
 
 
-def test_llava_next_refuses_in_llm_selectors(next_checkpoint) -> None:
-    with pytest.raises(ValueError, match=r"selector='fastv' prunes inside the language model, .* not LLaVA-NeXT"):
-        load_pruned(next_checkpoint, selector="fastv")
+@pytest.mark.parametrize(
+    ("scope", "newlines", "selector"),
+    [("image", "keep_rows", "adaptprune"), ("crop", "drop", "adaptprune"), ("crop", "keep_rows", "fastv")],
+)
+def test_llava_next_packed_crops_match_the_layer_masked_stock_model(
+    scope: str, newlines: str, selector: str, next_checkpoint, next_processor, next_stock, next_images: dict
+) -> None:
+    """Two images of different aspect ratios in one prompt, a text-only prompt and a third size alone, with
+    E-AdaPrune budgets per image or per crop: equal to the layer-masked stock model. At layer K every budget unit
+    keeps its own budget, and newlines are never chosen: they stay with a row that keeps a token ("keep_rows") or
+    never reach the language model ("drop")."""
+    pruned = load_pruned(
+        next_checkpoint,
+        selector=selector,
+        prune_layer=1,
+        energy_ratio=0.9,
+        min_tokens=4,
+        budget_scope=scope,
+        newline_policy=newlines,
+    )
+    prompts = ["USER: <image> and <image> compare ASSISTANT:", "USER: a dog ? ASSISTANT:", "USER: <image> ASSISTANT:"]
+    images = [next_images["wide"], next_images["tall"], next_images["large"]]
+    inputs = dict(next_processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+    assert_matches_layer_oracle(pruned, next_stock, inputs)
+
+    with torch.no_grad():
+        kept_by_image = pruned(**inputs).kept_indices_by_layer[1]
+        vision_stage = image_features(pruned, inputs)
+    assert [len(kept) for kept in vision_stage.unit_budgets] == ([1] * 3 if scope == "image" else [3, 3, 5])
+    for kept, layout, budgets in zip(kept_by_image, vision_stage.packed_layouts, vision_stage.unit_budgets):
+        units = budget_units([layout], scope)
+        assert [int(torch.isin(kept, positions).sum()) for _, positions in units] == budgets.tolist()
+        is_newline = layout.is_newline[kept]
+        expected_rows = set(layout.row[kept[~is_newline]].tolist()) - {-1} if newlines == "keep_rows" else set()
+        assert set(layout.row[kept[is_newline]].tolist()) == expected_rows
 
 
 def test_conversations_continue_the_per_layer_cache(family_checkpoint, small_images: dict) -> None:
