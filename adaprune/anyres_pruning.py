@@ -99,9 +99,11 @@ def prune_packed_images(
     device = packed[0].device
     n_images, longest = len(packed), max(len(layout) for layout in layouts)
     keep = torch.zeros(n_images * longest, dtype=torch.long, device=device)
-    token_budgets = torch.zeros(n_images, dtype=torch.long, device=device)
-    unit_images = [image for batch in batches for image in batch.group.images]
-    budgets_by_unit = torch.zeros(len(unit_images), dtype=torch.long, device=device)
+    units_per_image = torch.bincount(
+        torch.tensor([image for batch in batches for image in batch.group.images], dtype=torch.long),
+        minlength=n_images,
+    )
+    budgets_by_unit = torch.zeros(int(units_per_image.sum()), dtype=torch.long, device=device)
     for batch, pruning in zip(batches, prunings):
         budgets_by_unit[torch.tensor(batch.unit_ids, device=device)] = pruning.token_budgets
         unit_length = batch.positions.shape[1]
@@ -110,7 +112,8 @@ def prune_packed_images(
         images = torch.tensor(batch.group.images, device=device)
         flat = images.unsqueeze(1) * longest + kept_positions
         keep.scatter_reduce_(0, flat.flatten(), (kept_local < unit_length).long().flatten(), reduce="amax")
-        token_budgets.index_add_(0, images, pruning.token_budgets)
+    image_of_unit = torch.repeat_interleave(torch.arange(n_images), units_per_image).to(device)
+    token_budgets = torch.zeros(n_images, dtype=torch.long, device=device).index_add_(0, image_of_unit, budgets_by_unit)
     keep = keep.view(n_images, longest).bool()
     if settings.newline_policy == "keep_rows":
         keep = with_row_newlines(
@@ -128,7 +131,7 @@ def prune_packed_images(
         kept_indices=kept_indices,
         tokens_per_image=[len(layout) for layout in layouts],
         visual_tokens_per_image=[len(layout.token_positions) for layout in layouts],
-        unit_budgets=list(budgets_by_unit.split([unit_images.count(image) for image in range(n_images)])),
+        unit_budgets=list(budgets_by_unit.split(units_per_image.tolist())),
         packed_layouts=layouts,
     )
 
