@@ -27,6 +27,17 @@ class UnitBatch:
     unit_ids: list[int]
 
 
+def packed_per_image(per_crop: torch.Tensor, layouts: list[PackedLayout]) -> list[torch.Tensor]:
+    """(crops, patches, ...) values of the batch's crops as each image's (P, ...) values along its packed sequence
+    (newline positions hold the base crop's first patch's; no unit uses them)."""
+    crops_per_image = [1 + layout.grid_shape[0] * layout.grid_shape[1] for layout in layouts]
+    patches = layouts[0].patches_per_side ** 2
+    return [
+        crops.flatten(0, 1)[(layout.crop * patches + layout.patch).clamp_min(0).to(crops.device)]
+        for crops, layout in zip(per_crop.split(crops_per_image), layouts)
+    ]
+
+
 def unit_batches(
     features: TowerFeatures,
     signals: dict[str, torch.Tensor],
@@ -36,19 +47,11 @@ def unit_batches(
     """The batch's budget units, grouped by length, with their spectrum features, signals and packed rows."""
     packed = list(features.output.pooler_output)
     device = packed[0].device
-    crops_per_image = [1 + layout.grid_shape[0] * layout.grid_shape[1] for layout in layouts]
-    patches = layouts[0].patches_per_side ** 2
-    # Per image, rows aligned with its packed positions (newline rows are placeholders no unit uses).
-    source_rows = [((layout.crop * patches + layout.patch).clamp_min(0)).to(device) for layout in layouts]
     if settings.spectrum_source == "projected":
         spectrum = packed
     else:
-        vision = features.projector_input().split(crops_per_image)
-        spectrum = [crops.flatten(0, 1)[rows] for crops, rows in zip(vision, source_rows)]
-    per_image_signals = {
-        name: [crops.flatten(0, 1)[rows] for crops, rows in zip(values.split(crops_per_image), source_rows)]
-        for name, values in signals.items()
-    }
+        spectrum = packed_per_image(features.projector_input(), layouts)
+    per_image_signals = {name: packed_per_image(values, layouts) for name, values in signals.items()}
 
     by_length: dict[int, list[tuple[int, int, torch.LongTensor]]] = {}
     for unit_id, (image, positions) in enumerate(budget_units(layouts, settings.budget_scope)):
@@ -133,6 +136,14 @@ def prune_packed_images(
         visual_tokens_per_image=[len(layout.token_positions) for layout in layouts],
         unit_budgets=list(budgets_by_unit.split(units_per_image.tolist())),
         packed_layouts=layouts,
+        cls_attention=(
+            [
+                values.masked_fill(layout.is_newline.to(values.device), 0.0)
+                for values, layout in zip(packed_per_image(signals["cls_attention"], layouts), layouts)
+            ]
+            if "cls_attention" in signals
+            else None
+        ),
     )
 
 

@@ -42,7 +42,9 @@ class CoreSettings(Settings):
         "tower's [CLS] query attends to most at the feature layer, mean over heads, from that layer's own queries "
         "and keys so the tower stays on SDPA) or 'uniform' (evenly spaced in raster order); inside it, from "
         "decoder layer prune_layer on, 'fastv' (those the prompt's last token attends to most) or 'adaptprune' "
-        "(that cue times a spatial prior, then soft non-maximum suppression)",
+        "(that cue times a spatial prior, then soft non-maximum suppression), or after every decoder layer "
+        "'autoprune' (a per-image schedule over depth from text-vision mutual information; the budget is its mean "
+        "per layer)",
         choices=lambda: SELECTORS,
     )
     vision_stage_selector: str = setting(

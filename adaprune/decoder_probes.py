@@ -1,6 +1,7 @@
-"""The attention cue inside the language model, read without eager attention: how much the prompt's last token
-attends to every position at one decoder layer (averaged over heads), from that layer's own keys after RoPE and
-its one query row recomputed from the layer's input, so the model stays on SDPA (or any other backend)."""
+"""Attention cues inside the language model, read without eager attention: how much chosen query positions (the
+prompt's last token, the question's tokens) attend to every position at one decoder layer, from that layer's own
+keys after RoPE and just those query rows recomputed from the layer's input, so the model stays on SDPA (or any
+other backend)."""
 
 from __future__ import annotations
 
@@ -43,29 +44,34 @@ def _heads(attention: nn.Module, projected: torch.Tensor, norm: str) -> torch.Te
     return states.transpose(1, 2)
 
 
-def last_query_attention(
+def query_attention(
     attention: nn.Module,
-    last_input: torch.Tensor,
+    query_inputs: torch.Tensor,
+    query_index: torch.LongTensor,
     keys: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     padding_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention of each row's last position to every position, averaged over heads: (B, L) float32.
+    """Attention probabilities of chosen query positions to every position, per head: (B, heads, Q, L) float32.
 
-    last_input: (B, 1, D) the layer's attention input at the last position; keys: (B, L, kv heads * head_dim)
-    its key projections; position_embeddings: the (cos, sin) the layer received; padding_mask: (B, L), 0 at
-    padding (excluded from the softmax).
+    query_inputs: (B, Q, D) the layer's attention input at the `query_index` (B, Q) positions; keys: (B, L, kv
+    heads * head_dim) its key projections; position_embeddings: the (cos, sin) the layer received; padding_mask:
+    (B, L), 0 at padding. Each query sees the real positions up to its own (causal), as in the layer.
     """
     rotate = rotary_function(attention)
-    cos, sin = position_embeddings
-    query = _heads(attention, attention.q_proj(last_input), "q_norm")
+    batch, length = padding_mask.shape
+    cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
+    at_queries = query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+    query = _heads(attention, attention.q_proj(query_inputs), "q_norm")
     key = _heads(attention, keys, "k_norm")
-    query = rotate(query, query, cos[:, -1:], sin[:, -1:])[0]
+    query = rotate(query, query, cos.gather(1, at_queries), sin.gather(1, at_queries))[0]
     key = rotate(key, key, cos, sin)[1]
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    logits = (query.float() @ key.float().mT).squeeze(2) * attention.scaling
-    logits = logits.masked_fill(~padding_mask.bool().unsqueeze(1), float("-inf"))
-    return logits.softmax(-1).mean(1)
+    logits = (query.float() @ key.float().mT) * attention.scaling
+    visible = padding_mask.bool().unsqueeze(1) & (
+        torch.arange(length, device=query_index.device) <= query_index.unsqueeze(-1)
+    )
+    return logits.masked_fill(~visible.unsqueeze(1), float("-inf")).softmax(-1)
 
 
 def hidden_states_argument(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -74,10 +80,13 @@ def hidden_states_argument(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 @contextmanager
-def capturing_prompt_attention(attention: nn.Module, padding_mask: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
-    """Records `"prompt_attention"` (B, L), the attention of the last position at `attention`'s layer, while
-    the language model runs: its input's last row and rotary tables before it runs, its key projections as
-    they are computed, the scores after it."""
+def capturing_query_attention(
+    attention: nn.Module, queries: Callable[[], tuple[torch.Tensor, torch.LongTensor]]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Records `"attention"` (B, heads, Q, L), the attention probabilities of chosen query positions at
+    `attention`'s layer, each time it runs: `queries()` gives the batch's padding mask (B, L) and the (B, Q) query
+    positions then. The layer's input rows at those positions and its rotary tables are read before it runs, its
+    key projections as they are computed, the probabilities after it."""
     captured: dict[str, torch.Tensor] = {}
     parts: dict[str, Any] = {}
 
@@ -87,7 +96,10 @@ def capturing_prompt_attention(attention: nn.Module, padding_mask: torch.Tensor)
                 f"in-LLM pruning needs the rotary tables that {type(module).__name__} receives as "
                 "position_embeddings; this model family computes them elsewhere, use a vision-stage selector"
             )
-        parts["last_input"] = hidden_states_argument(args, kwargs)[:, -1:].detach()
+        padding_mask, query_index = queries()
+        inputs = hidden_states_argument(args, kwargs).detach()
+        parts["query_inputs"] = inputs.gather(1, query_index.unsqueeze(-1).expand(-1, -1, inputs.shape[-1]))
+        parts.update(query_index=query_index, padding_mask=padding_mask)
         parts["position_embeddings"] = kwargs["position_embeddings"]
 
     def keys(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -95,7 +107,7 @@ def capturing_prompt_attention(attention: nn.Module, padding_mask: torch.Tensor)
 
     def after(module: nn.Module, args: tuple, output: Any) -> None:
         with torch.no_grad():
-            captured["prompt_attention"] = last_query_attention(module, padding_mask=padding_mask, **parts)
+            captured["attention"] = query_attention(module, **parts)
         parts.clear()
 
     handles = [

@@ -1,23 +1,24 @@
-"""Pruning inside the language model: from decoder layer K on, the visual tokens an in-LLM selector drops leave
+"""Pruning inside the language model: at each of an in-LLM selector's cut layers, the visual tokens it drops leave
 the sequence.
 
 Everything goes through forward pre-hooks on the stock decoder layers (registered with their keyword arguments),
 never through a copy of the language model's forward:
 
-- prefill (`pruning_inside`): layer K - 1's attention is read (`decoder_probes`) while it runs; at layer K the
-  selector picks each image's tokens, the hidden states are compacted (`CompactionPlan`, left re-padding, rows
-  may keep different numbers), and layers from K on get the compacted rotary tables, position ids (kept tokens
-  keep theirs) and an attention mask built for the shorter sequence by transformers' own mask function. Their
-  cache then holds only the kept tokens; the cache of the layers below K holds every token.
-- later steps (`continuing_pruned_cache`): new tokens run through every layer; the layers from K on get the
-  attention mask of their own, shorter cache (`PruningState.step_inputs` at layer K).
+- prefill (`pruning_inside`): the attention of the layer before each cut is read (`decoder_probes`) while it
+  runs; at the cut layer c the selector picks each unit's tokens, the hidden states are compacted
+  (`CompactionPlan`, left re-padding, rows may keep different numbers), and layers from c on get the compacted
+  rotary tables, position ids (kept tokens keep theirs) and an attention mask built for the shorter sequence by
+  transformers' own mask function. Each layer's cache then holds the tokens present when it ran: every token
+  below the first cut, fewer after each cut.
+- later steps (`continuing_pruned_cache`): new tokens run through every layer; the layers of each cut's segment
+  get the attention mask of their own, shorter cache (`PruningState.step_inputs` at the cut layer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
@@ -26,9 +27,9 @@ from torch import nn
 
 from .anyres_layout import with_row_newlines
 from .compat import causal_mask_for_layer
-from .decoder_probes import attention_module, capturing_prompt_attention, hidden_states_argument
+from .decoder_probes import attention_module, capturing_query_attention, hidden_states_argument
 from .sequence_compaction import CompactionPlan, PruningState, left_compaction
-from .settings import LanguageModelSelector
+from .settings import LanguageModelSelector, SingleCutSelector
 from .token_selection import PatchGrid
 
 
@@ -131,28 +132,36 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     )
 
 
-def check_prune_layer(text_config: Any, prune_layer: int) -> None:
-    """Layer K must have a layer before it (the cue) and be a decoder layer; from K on, attention must be full
-    (a sliding window counts cache entries, which pruning removes)."""
+def check_cut_layers(text_config: Any, selector: LanguageModelSelector) -> tuple[int, ...]:
+    """The selector's cut layers for this language model, checked: each has a layer before it (the cue) and is a
+    decoder layer; from the first on, attention must be full (a sliding window counts cache entries, which
+    pruning removes)."""
     n_layers = text_config.num_hidden_layers
-    if not 1 <= prune_layer < n_layers:
+    cuts = selector.cut_layers(n_layers)
+    if not all(1 <= layer < n_layers for layer in cuts):
+        if isinstance(selector, SingleCutSelector):
+            raise ValueError(
+                f"prune_layer must be a decoder layer after the first, 1 to {n_layers - 1} for this language model "
+                f"of {n_layers} layers, got {selector.prune_layer}"
+            )
         raise ValueError(
-            f"prune_layer must be a decoder layer after the first, 1 to {n_layers - 1} for this language model of "
-            f"{n_layers} layers, got {prune_layer}"
+            f"selector {selector.name!r} cuts before decoder layers {list(cuts)}, which must lie in 1 to "
+            f"{n_layers - 1} for this language model of {n_layers} layers"
         )
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types is not None:
-        sliding = [index for index in range(prune_layer, n_layers) if layer_types[index] != "full_attention"]
+        sliding = [index for index in range(cuts[0], n_layers) if layer_types[index] != "full_attention"]
     elif getattr(text_config, "sliding_window", None) is not None and getattr(text_config, "use_sliding_window", True):
-        sliding = list(range(prune_layer, n_layers))
+        sliding = list(range(cuts[0], n_layers))
     else:
         sliding = []
     if sliding:
         raise ValueError(
-            f"in-LLM pruning needs full attention from prune_layer={prune_layer} on, but layers {sliding} use a "
-            "sliding window (it counts cache entries, which pruning removes); set text_config.sliding_window=None "
-            "if prompts fit in the window, or use a vision-stage selector"
+            f"in-LLM pruning needs full attention from layer {cuts[0]} on (selector {selector.name!r}), but layers "
+            f"{sliding} use a sliding window (it counts cache entries, which pruning removes); set "
+            "text_config.sliding_window=None if prompts fit in the window, or use a vision-stage selector"
         )
+    return cuts
 
 
 def _with_hidden_states(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -180,12 +189,30 @@ def _layer_pre_hooks(
 
 
 @dataclass
-class LayerCut:
-    """What the prefill's cut at layer K chose: which of the images' tokens stay (n_images, P) and the compaction
-    of the language model's input batch that layers from K on see."""
+class LayerCuts:
+    """What the prefill's cuts chose, by cut layer: which of the images' tokens stay from there on (n_images, P)
+    and the compaction of the sequence the previous cut left; `record` is what the selector reported (e.g. a
+    schedule)."""
 
-    keep: torch.Tensor | None = None
-    plan: CompactionPlan | None = None
+    keeps: dict[int, torch.Tensor] = field(default_factory=dict)
+    plans: dict[int, CompactionPlan] = field(default_factory=dict)
+    record: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+ATTENTION_SIGNALS = frozenset({"prompt_attention", "text_attention"})
+
+
+def text_query_positions(tokens: ImageTokens, padding_mask: torch.Tensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Per row, the positions of the text after its last image token (its last position always included, so
+    text-only rows and prompts ending on an image have one): (B, Q) ascending, right-aligned, and which are such
+    positions (the first columns of rows with fewer are not). One host sync, for Q."""
+    positions = torch.arange(padding_mask.shape[1], device=padding_mask.device)
+    last_image = torch.where(tokens.image >= 0, positions, -1).amax(-1, keepdim=True)
+    text = padding_mask.bool() & (positions > last_image)
+    text[:, -1] = True
+    n_queries = int(text.sum(-1).max())
+    index = torch.argsort(text.int(), dim=-1, stable=True)[:, -n_queries:]
+    return index, text.gather(1, index)
 
 
 @contextmanager
@@ -196,58 +223,87 @@ def pruning_inside(
     tokens: ImageTokens,
     padding_mask: torch.Tensor,
     cache: Any,
-    held_keep: torch.Tensor | None = None,
-) -> Iterator[LayerCut]:
-    """While the language model runs its prefill on a batch with `padding_mask` (B, L), drops from layer K on the
-    visual tokens `selector` does not keep (it chooses in each of the `units` its budget; `tokens` says where the
-    images' tokens are), or those `held_keep` (n_images, P) does not keep, when an earlier pass chose them. The
-    `LayerCut` is filled in when layer K runs."""
+    image_signals: dict[str, torch.Tensor] | None = None,
+    held_keeps: dict[int, torch.Tensor] | None = None,
+) -> Iterator[LayerCuts]:
+    """While the language model runs its prefill on a batch with `padding_mask` (B, L), drops at each of the
+    selector's cut layers the visual tokens it does not keep (it chooses in each of the `units` within its budget;
+    `tokens` says where the images' tokens are; `image_signals` holds (n_images, P) per-token values from the
+    vision stage), or those `held_keeps` (n_images, P per cut layer) does not keep, when an earlier pass chose
+    them. The `LayerCuts` fill in as the cut layers run."""
     layers = decoder_layers(language_model)
-    layer_k = selector.prune_layer
-    check_prune_layer(language_model.config, layer_k)
-    cut = LayerCut()
+    cut_layers = check_cut_layers(language_model.config, selector)
+    cuts = LayerCuts()
     segment: dict[str, Any] = {}
-    captured: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {"tokens": tokens, "padding_mask": padding_mask.bool()}
+    captured: dict[int, dict[str, torch.Tensor]] = {}
+    queries: dict[str, torch.Tensor] = {}
 
     def rewrite(index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if index == layer_k:
-            if held_keep is not None:
-                cut.keep = held_keep
-            else:
-                signals = layer_signals(hidden_states_argument(args, kwargs))
-                cut.keep = units.to_images(selector.keep_mask(signals, units.budgets) & signals["present"])
-            cut.plan = left_compaction(tokens.kept_positions(cut.keep, padding_mask))
-            hidden = cut.plan.gather(hidden_states_argument(args, kwargs))
-            position_ids = kwargs.get("position_ids")
-            if position_ids is not None:
-                position_ids = cut.plan.gather(position_ids.expand(padding_mask.shape))
-            cos, sin = (
-                cut.plan.gather(table.expand(len(padding_mask), -1, -1)) for table in kwargs["position_embeddings"]
-            )
-            segment.update(
-                position_ids=position_ids,
-                position_embeddings=(cos, sin),
-                attention_mask=causal_mask_for_layer(
-                    language_model.config, hidden, cut.plan.attention_mask, cache, position_ids, layer_k
-                ),
-            )
-            args, kwargs = _with_hidden_states(args, kwargs, hidden)
+        if index in cut_layers:
+            args, kwargs = cut(index, args, {**kwargs, **segment})
         return args, {**kwargs, **segment}
+
+    def cut(layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        layer_input = hidden_states_argument(args, kwargs)
+        if held_keeps is not None:
+            keep = held_keeps[layer]
+        else:
+            signals = layer_signals(layer, layer_input)
+            chosen = selector.keep_at(layer, signals, units.budgets, cuts.record) & signals["present"]
+            keep = units.to_images(chosen)
+            if cuts.keeps:
+                keep &= cuts.keeps[max(cuts.keeps)]
+        plan = left_compaction(current["tokens"].kept_positions(keep, current["padding_mask"]))
+        hidden = plan.gather(layer_input)
+        batch_shape = current["padding_mask"].shape
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            position_ids = plan.gather(position_ids.expand(batch_shape))
+        cos, sin = (plan.gather(table.expand(batch_shape[0], -1, -1)) for table in kwargs["position_embeddings"])
+        segment.update(
+            position_ids=position_ids,
+            position_embeddings=(cos, sin),
+            attention_mask=causal_mask_for_layer(
+                language_model.config, hidden, plan.attention_mask, cache, position_ids, layer
+            ),
+        )
+        current.update(tokens=current["tokens"].compacted(plan), padding_mask=plan.attention_mask.bool())
+        cuts.keeps[layer], cuts.plans[layer] = keep, plan
+        return _with_hidden_states(args, kwargs, hidden)
 
     def per_unit(values: torch.Tensor, fill: float) -> torch.Tensor:
         n_images, n_tokens = units.unit.shape
-        return units.to_units(tokens.per_image(values, n_images, n_tokens, fill), fill)
+        return units.to_units(current["tokens"].per_image(values, n_images, n_tokens, fill), fill)
 
-    def layer_signals(layer_input: torch.Tensor) -> dict[str, Any]:
-        """What the selector reads, per unit: the tokens present and the signals it requires."""
-        signals: dict[str, Any] = {"present": per_unit(padding_mask, False)}
-        if "prompt_attention" in selector.required_signals:
-            signals["prompt_attention"] = per_unit(captured["prompt_attention"], float("-inf"))
-        if "keys" in selector.required_signals:
+    def query_positions() -> tuple[torch.Tensor, torch.LongTensor]:
+        padding = current["padding_mask"]
+        if "text_attention" in selector.required_signals:
+            queries["index"], queries["valid"] = text_query_positions(current["tokens"], padding)
+        else:
+            queries["index"] = torch.full((len(padding), 1), padding.shape[1] - 1, device=padding.device)
+            queries["valid"] = torch.ones_like(queries["index"], dtype=torch.bool)
+        return padding, queries["index"]
+
+    def layer_signals(layer: int, layer_input: torch.Tensor) -> dict[str, Any]:
+        """What the selector reads at the cut before `layer`, per unit: the tokens present and what it requires."""
+        required = selector.required_signals
+        signals: dict[str, Any] = {"present": per_unit(current["padding_mask"], False), "n_layers": len(layers)}
+        if required & ATTENTION_SIGNALS:
+            attention = captured[layer - 1]["attention"]
+            if "prompt_attention" in required:
+                signals["prompt_attention"] = per_unit(attention[:, :, -1].mean(1), float("-inf"))
+            if "text_attention" in required:
+                valid = queries["valid"]
+                rows = attention * valid[:, None, :, None]
+                signals["text_attention"] = per_unit(rows.permute(0, 3, 1, 2), 0.0)
+                row_counts = valid.sum(-1, keepdim=True).expand(current["padding_mask"].shape)
+                signals["text_rows"] = per_unit(row_counts, 0).amax(-1)
+        if "keys" in required:
             with torch.no_grad():
-                keys = layers[layer_k].self_attn.k_proj(layer_input)
+                keys = layers[layer].self_attn.k_proj(layer_input)
             signals["keys"] = per_unit(keys, 0.0)
-        if "grid" in selector.required_signals:
+        if "grid" in required:
             if units.grid is None:
                 raise ValueError(
                     f"selector {selector.name!r} places each image's tokens on a square patch grid, and these "
@@ -255,16 +311,19 @@ def pruning_inside(
                     "the 'default' strategy or selector 'fastv'"
                 )
             signals["grid"] = units.grid
+        for name, values in (image_signals or {}).items():
+            if name in required:
+                signals[name] = units.to_units(values, 0.0)
         return signals
 
-    padding_mask = padding_mask.bool()
     with ExitStack() as stack:
-        if held_keep is None and "prompt_attention" in selector.required_signals:
-            captured = stack.enter_context(
-                capturing_prompt_attention(attention_module(layers[layer_k - 1], layer_k - 1), padding_mask)
-            )
-        stack.enter_context(_layer_pre_hooks(layers, layer_k, rewrite))
-        yield cut
+        if held_keeps is None and selector.required_signals & ATTENTION_SIGNALS:
+            for layer in cut_layers:
+                captured[layer - 1] = stack.enter_context(
+                    capturing_query_attention(attention_module(layers[layer - 1], layer - 1), query_positions)
+                )
+        stack.enter_context(_layer_pre_hooks(layers, cut_layers[0], rewrite))
+        yield cuts
 
 
 @contextmanager

@@ -7,12 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from .settings import LanguageModelSelector, is_number, setting
+from .settings import SingleCutSelector, positive_number
 from .token_selection import PatchGrid
-
-
-def _positive(help_text: str, default: float) -> float:
-    return setting(default, help_text, check=lambda value: is_number(value) and value > 0, expected="a number > 0")
 
 
 def centred_prior(grid: PatchGrid, sigma: float) -> torch.Tensor:
@@ -59,7 +55,7 @@ def soft_suppression_keep(
 
 
 @dataclass(frozen=True)
-class AdaptPruneSelector(LanguageModelSelector):
+class AdaptPruneSelector(SingleCutSelector):
     """AdaptPrune (Luan et al., "Multi-Cue Adaptive Visual Token Pruning for Large Vision-Language Models", arXiv
     2503.08019; code github.com/bzluan/AdaptPrune): from decoder layer K (default 2) on, keep the tokens chosen by
     a greedy soft non-maximum suppression of the FastV cue (the prompt's last token's attention at layer K - 1,
@@ -75,14 +71,16 @@ class AdaptPruneSelector(LanguageModelSelector):
     name: ClassVar[str] = "adaptprune"
     required_signals: ClassVar[frozenset[str]] = frozenset({"prompt_attention", "keys", "grid"})
 
-    adaptprune_prior_sigma: float = _positive(
+    adaptprune_prior_sigma: float = positive_number(
         "adaptprune: width of the centred Gaussian prior, as a fraction of the patch grid's side (0.5: the released "
         "sigma of 12 on 24 x 24)",
         0.5,
     )
-    adaptprune_radius: float = _positive("adaptprune: suppression window, in grid cells (Euclidean)", 5.0)
-    adaptprune_distance_sigma: float = _positive("adaptprune: width of the spatial decay, in grid cells", 1.5)
-    adaptprune_similarity_sigma: float = _positive("adaptprune: width of the key-similarity decay on 1 - cosine", 0.05)
+    adaptprune_radius: float = positive_number("adaptprune: suppression window, in grid cells (Euclidean)", 5.0)
+    adaptprune_distance_sigma: float = positive_number("adaptprune: width of the spatial decay, in grid cells", 1.5)
+    adaptprune_similarity_sigma: float = positive_number(
+        "adaptprune: width of the key-similarity decay on 1 - cosine", 0.05
+    )
 
     def keep_mask(self, signals: dict[str, torch.Tensor], budgets: torch.Tensor) -> torch.Tensor:
         grid = signals["grid"]

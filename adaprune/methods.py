@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .method_adaptprune import AdaptPruneSelector
+from .method_autoprune import AutoPruneSelector
 from .method_cls_attention import ClsAttentionSelector
 from .method_energy import EnergyBudget
 from .method_fastv import FastVSelector
@@ -75,3 +76,4 @@ register(ClsAttentionSelector)
 register(UniformSelector)
 register(FastVSelector)
 register(AdaptPruneSelector)
+register(AutoPruneSelector)

@@ -107,6 +107,7 @@ class AdaPruneLlavaModel(PrunedPrefillMixin, LlavaModel):
             tokens_per_image=[projected.shape[1]] * projected.shape[0],
             visual_tokens_per_image=[projected.shape[1]] * projected.shape[0],
             unit_budgets=list(pruning.token_budgets.unsqueeze(-1)),
+            cls_attention=list(signals["cls_attention"]) if "cls_attention" in signals else None,
         )
 
     def _selection_units(self, image_output: AdaPruneImageFeaturesOutput, settings: PruningSettings) -> SelectionUnits:

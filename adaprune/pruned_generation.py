@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from .compat import (
     slice_logits_to_keep,
 )
 from .pruned_prefill import PrunedPrefillMixin, pruning_state_of
-from .pruning_outputs import is_pruned
+from .pruning_outputs import PrunedSequenceFields, is_pruned
 from .sequence_compaction import (
     CompactionPlan,
     PruningState,
@@ -70,11 +71,7 @@ class PrunedGenerationMixin:
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             **model_output_fields(outputs),
-            pruned_attention_mask=getattr(outputs, "pruned_attention_mask", None),
-            pruned_position_ids=getattr(outputs, "pruned_position_ids", None),
-            source_index=getattr(outputs, "source_index", None),
-            token_budgets=getattr(outputs, "token_budgets", None),
-            kept_indices_by_layer=getattr(outputs, "kept_indices_by_layer", None),
+            **{field.name: getattr(outputs, field.name, None) for field in fields(PrunedSequenceFields)},
         )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

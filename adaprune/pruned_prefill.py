@@ -1,5 +1,5 @@
 """The prefill on the shortened sequence, shared by every pruning `*Model`: image features cut to their budgets,
-dropped placeholders removed from the batch, with an in-LLM selector the cut at its decoder layer
+dropped placeholders removed from the batch, with an in-LLM selector the cuts at its decoder layers
 (`decoder_pruning`), and the cache's pruning state for the steps that follow."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.utils.generic import can_return_tuple
 
@@ -22,9 +23,9 @@ from .compat import (
 from .configuration_adaprune import PruningSettings
 from .decoder_pruning import (
     ImageTokens,
-    LayerCut,
+    LayerCuts,
     SelectionUnits,
-    check_prune_layer,
+    check_cut_layers,
     continuing_pruned_cache,
     pruning_inside,
 )
@@ -57,7 +58,7 @@ class PrunedPrefillMixin:
     def _check_pruning(self, settings: PruningSettings, text_config: Any) -> None:
         """Raises ValueError for settings this model cannot run (e.g. an in-LLM layer it does not have)."""
         if settings.token_selector.stage == "language":
-            check_prune_layer(text_config, settings.token_selector.prune_layer)
+            check_cut_layers(text_config, settings.token_selector)
 
     def _feature_choice(
         self, vision_feature_layer: int | list[int] | None, vision_feature_select_strategy: str | None
@@ -96,8 +97,8 @@ class PrunedPrefillMixin:
             return self._stock_image_features(**stock_kwargs)
         self._check_pruning(settings, self.config.text_config)
         signals: dict[str, torch.Tensor] = {}
-        vision_selector = settings.vision_selector
-        if vision_selector is not None and "cls_attention" in vision_selector.required_signals:
+        readers = (settings.vision_selector, settings.token_selector)
+        if any(selector is not None and "cls_attention" in selector.required_signals for selector in readers):
             with capturing_cls_attention(cls_attention_module(self.vision_tower, layer)) as signals:
                 output = self._stock_image_features(**stock_kwargs)
             if strategy == "default":
@@ -226,7 +227,7 @@ class PrunedPrefillMixin:
         positions = compacted_position_ids(plan, keep, attention_mask, position_ids, settings.position_policy)
         state = prefill_state(plan, keep, attention_mask, settings.position_policy)
         kept_by_layer = {0: image_output.kept_indices}
-        with self._language_stage(settings, image_output, placeholders, plan, cache) as cut:
+        with self._language_stage(settings, image_output, placeholders, plan, cache) as cuts:
             outputs = self.language_model(
                 inputs_embeds=plan.gather(inputs_embeds),
                 attention_mask=plan.attention_mask,
@@ -234,14 +235,17 @@ class PrunedPrefillMixin:
                 **cache_argument(cache),
                 **kwargs,
             )
-        if cut is not None:
+        report = None
+        if cuts is not None:
             if self._held_selections is not None:
-                self._held_selections.setdefault(id(image_output), cut.keep)
-            layer = settings.token_selector.prune_layer
-            state = state.then(Compaction(layer, cut.plan))
-            positions = cut.plan.gather(positions)
-            plan = plan.then(cut.plan)
-            kept_by_layer[layer] = kept_indices_from_mask(cut.keep, cut.keep.sum(-1).tolist())[1]
+                self._held_selections.setdefault(id(image_output), cuts.keeps)
+            counts = torch.stack([keep.sum(-1) for keep in cuts.keeps.values()]).tolist()
+            for (layer, keep), layer_counts in zip(cuts.keeps.items(), counts):
+                state = state.then(Compaction(layer, cuts.plans[layer]))
+                positions = cuts.plans[layer].gather(positions)
+                plan = plan.then(cuts.plans[layer])
+                kept_by_layer[layer] = kept_indices_from_mask(keep, layer_counts)[1]
+            report = cuts.record or None
         new_cache = output_cache(outputs)
         if new_cache is not None:
             setattr(new_cache, PRUNING_STATE_ATTRIBUTE, state)
@@ -256,6 +260,7 @@ class PrunedPrefillMixin:
             source_index=plan.source_index,
             token_budgets=image_output.token_budgets,
             kept_indices_by_layer=kept_by_layer,
+            selector_report=report,
         )
 
     def _language_stage(
@@ -265,7 +270,7 @@ class PrunedPrefillMixin:
         placeholders: torch.Tensor,
         plan: CompactionPlan,
         cache: Any,
-    ) -> AbstractContextManager[LayerCut | None]:
+    ) -> AbstractContextManager[LayerCuts | None]:
         """With an in-LLM selector, the hooks that prune inside the language model during this prefill (the
         batch as `plan` compacted it); else nothing."""
         selector = settings.token_selector
@@ -273,6 +278,9 @@ class PrunedPrefillMixin:
             return nullcontext()
         tokens = ImageTokens.from_placeholders(placeholders, image_output.tokens_per_image).compacted(plan)
         held = None if self._held_selections is None else self._held_selections.get(id(image_output))
+        image_signals = {}
+        if image_output.cls_attention is not None:
+            image_signals["cls_attention"] = pad_sequence(image_output.cls_attention, batch_first=True)
         return pruning_inside(
             self.language_model,
             selector,
@@ -280,7 +288,8 @@ class PrunedPrefillMixin:
             tokens,
             plan.attention_mask,
             cache,
-            held_keep=held,
+            image_signals=image_signals,
+            held_keeps=held,
         )
 
     def _selection_units(self, image_output: AdaPruneImageFeaturesOutput, settings: PruningSettings) -> SelectionUnits:
@@ -288,7 +297,7 @@ class PrunedPrefillMixin:
         packing of image tokens)."""
         raise NotImplementedError
 
-    _held_selections: dict[int, torch.Tensor] | None = None
+    _held_selections: dict[int, dict[int, torch.Tensor]] | None = None
 
     @contextmanager
     def holding_language_selections(self) -> Iterator[None]:

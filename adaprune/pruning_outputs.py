@@ -33,6 +33,8 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
     unit_budgets: per image, the budgets of its budget units (LLaVA-NeXT with budget_scope="crop": one per crop
         with tokens, base crop first; else one), summing to its token budget.
     packed_layouts: LLaVA-NeXT: per image, where each position of its packed sequence comes from.
+    cls_attention: when a selector reads it, per image the vision tower's [CLS] attention (mean over heads) to
+        each of its unpruned tokens (LLaVA-NeXT: each crop's own [CLS], 0 at newlines).
     """
 
     token_budgets: torch.LongTensor | None = None
@@ -41,6 +43,7 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
     visual_tokens_per_image: list[int] | None = None
     unit_budgets: list[torch.LongTensor] | None = None
     packed_layouts: list[PackedLayout] | None = None
+    cls_attention: list[torch.Tensor] | None = None
 
     def select_images(self, order: list[int]) -> AdaPruneImageFeaturesOutput:
         """The same output for the images in `order` (repeats allowed), as beam search needs."""
@@ -52,6 +55,7 @@ class AdaPruneImageFeaturesOutput(BaseModelOutputWithPooling):
             visual_tokens_per_image=[self.visual_tokens_per_image[image] for image in order],
             unit_budgets=[self.unit_budgets[image] for image in order],
             packed_layouts=None if self.packed_layouts is None else [self.packed_layouts[image] for image in order],
+            cls_attention=None if self.cls_attention is None else [self.cls_attention[image] for image in order],
         )
 
 
@@ -60,13 +64,16 @@ class PrunedSequenceFields:
     """How the prefill batch was compacted: the mask and positions the language model's last layer saw, and for
     each of its positions the position of the caller's sequence it came from (`source_index`, -1 at added
     padding). `kept_indices_by_layer` says which of each image's tokens every pruning stage kept: layer 0 (before
-    the language model) and, with an in-LLM selector, its layer K (indices among the image's unpruned tokens)."""
+    the language model) and, with an in-LLM selector, each of its cut layers (indices among the image's unpruned
+    tokens). `selector_report` holds what an in-LLM selector reports about its choice, per budget unit (AutoPrune:
+    its schedule and mutual information)."""
 
     pruned_attention_mask: torch.LongTensor | None = None
     pruned_position_ids: torch.LongTensor | None = None
     source_index: torch.LongTensor | None = None
     token_budgets: torch.LongTensor | None = None
     kept_indices_by_layer: dict[int, list[torch.LongTensor]] | None = None
+    selector_report: dict[str, torch.Tensor] | None = None
 
 
 @dataclass

@@ -49,6 +49,11 @@ def setting(
     )
 
 
+def positive_number(help: str, default: float) -> Any:
+    """Declares a setting that takes any number > 0."""
+    return setting(default, help, check=lambda value: is_number(value) and value > 0, expected="a number > 0")
+
+
 def setting_choices(declaration: Field) -> list[str] | None:
     """The names a setting accepts, or None when it is not a choice."""
     choices = declaration.metadata.get("choices")
@@ -162,24 +167,53 @@ class TokenSelector(PruningMethod):
 
 @dataclass(frozen=True)
 class LanguageModelSelector(TokenSelector):
-    """A selector that prunes inside the language model: during prefill, the visual tokens it drops leave the
-    sequence before decoder layer `prune_layer` (K), so layers from K on run on the shorter sequence and cache only
-    the kept tokens, while layers below K see and cache every token.
+    """A selector that prunes inside the language model: during prefill, at each of its cut layers the visual
+    tokens it drops leave the sequence, so the layers from there on run on the shorter sequence and cache only the
+    kept tokens, while the layers below see and cache the tokens as they were.
 
-    Its signals describe each image's N tokens as they enter layer K, from the layers below: `"present"` (n, N)
-    marks the tokens still in the sequence (a vision stage may have dropped some), and the budgets never exceed
-    their count; `"prompt_attention"` (n, N) is the attention of the prompt's last token to each of them at layer
-    K - 1, averaged over heads (-inf where not present)."""
+    At a cut before decoder layer c, its signals describe each budget unit's tokens as they enter layer c:
+    `"present"` (n, N) marks the tokens still in the sequence (a vision stage or an earlier cut may have dropped
+    some), and the budgets never exceed the units' first count of them. On request (`required_signals`):
+    `"prompt_attention"` (n, N) the attention of the prompt's last token to each token at layer c - 1, averaged
+    over heads (-inf where not present); `"text_attention"` (n, N, heads, Q) the attention probabilities of the
+    text after the row's last image (its last token included; Q rows, zero past a unit's `"text_rows"` (n,)) at
+    layer c - 1; `"keys"` (n, N, d) layer c's key projection of its input; `"grid"` the units' `PatchGrid`;
+    `"cls_attention"` (n, N) the vision tower's [CLS] attention to each token (0 at LLaVA-NeXT newlines). Always:
+    `"n_layers"`, the language model's depth."""
 
     stage: ClassVar[str] = "language"
     required_signals: ClassVar[frozenset[str]] = frozenset({"prompt_attention"})
 
+    def cut_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The decoder layers before which this selector prunes, ascending, for a language model of `n_layers`."""
+        raise NotImplementedError
+
+    def keep_at(
+        self, layer: int, signals: dict[str, Any], budgets: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """(n, N) bool: the tokens each unit keeps from cut `layer` on, among the present ones. `record` lives for
+        one prefill: what earlier cuts stored (e.g. a schedule), and what the user may read afterwards."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SingleCutSelector(LanguageModelSelector):
+    """An in-LLM selector that cuts once, before decoder layer `prune_layer` (K), keeping each unit's budget."""
+
     prune_layer: int = setting(
         2,
-        "in-LLM selectors: the decoder layer K from which dropped visual tokens leave the sequence (layers below K "
+        "fastv, adaptprune: the decoder layer K from which dropped visual tokens leave the sequence (layers below K "
         "see every token); the attention cue comes from layer K - 1",
         minimum=1,
     )
+
+    def cut_layers(self, n_layers: int) -> tuple[int, ...]:
+        return (self.prune_layer,)
+
+    def keep_at(
+        self, layer: int, signals: dict[str, Any], budgets: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return self.keep_mask(signals, budgets)
 
 
 __all__ = [
@@ -187,10 +221,12 @@ __all__ = [
     "LanguageModelSelector",
     "PruningMethod",
     "Settings",
+    "SingleCutSelector",
     "TokenSelector",
     "check_setting",
     "is_int",
     "is_number",
+    "positive_number",
     "setting",
     "setting_choices",
     "setting_type",

@@ -4,6 +4,7 @@ what they claim to be. No timing is asserted: timings on a shared machine are no
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,7 +42,7 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
         (size, f"{rule}·{selector}", target)
         for size in (1, 2)
         for rule in ("energy", "fixed")
-        for selector in ("fastv", "adaptprune")
+        for selector in ("fastv", "adaptprune", "autoprune")
         for target in (8, 16)
     }
     assert measured == variants | in_llm | {(1, "stock", None), (2, "stock", None)}
@@ -57,19 +58,26 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
         # The ideal runs the energy budgets, on the same padded lengths.
         for field in ("mean_kept", "min_kept", "max_kept", "padding_fraction", "kv_cache_bytes"):
             assert by_key[(size, "ideal", target)][field] == by_key[(size, "energy", target)][field]
+    n_layers = len(by_key[(1, "stock", None)]["kv_cache_bytes_per_layer"])
     for size, name, target in in_llm:
-        # the same budgets, chosen inside the language model: layers below K (1 of this 2-layer model) cache every
-        # visual token, the layers from K on only the kept ones
+        # the same budgets, chosen inside the language model: the layers below the first cut cache every visual
+        # token; FastV and AdaptPrune cut once at K = 2 to the budget, AutoPrune after every layer on a schedule
         row = by_key[(size, name, target)]
-        rule = name.split("·")[0]
-        assert row["prune_layer"] == 1
-        assert row["mean_kept"] == by_key[(size, rule, target)]["mean_kept"]
-        below, above = row["kv_cache_bytes_per_layer"]
-        assert below == by_key[(size, "stock", None)]["kv_cache_bytes_per_layer"][0] > above
-        assert above == by_key[(size, rule, target)]["kv_cache_bytes_per_layer"][1]
-        stock_flops = by_key[(size, "stock", None)]["language_model_flops_per_prompt"]
-        assert by_key[(size, rule, target)]["language_model_flops_per_prompt"] < row["language_model_flops_per_prompt"]
-        assert row["language_model_flops_per_prompt"] < stock_flops
+        rule, selector = name.split("·")
+        stock, vision_stage = by_key[(size, "stock", None)], by_key[(size, rule, target)]
+        assert row["mean_kept"] == vision_stage["mean_kept"]
+        per_layer = row["kv_cache_bytes_per_layer"]
+        assert per_layer[0] == stock["kv_cache_bytes_per_layer"][0] > per_layer[-1]
+        assert all(deeper <= shallower for shallower, deeper in pairwise(per_layer))
+        seen = row["visual_tokens_per_layer"]
+        assert seen[0] == 64
+        if selector == "autoprune":
+            assert vision_stage["mean_kept"] < seen[1] <= min(64, 2.5 * vision_stage["mean_kept"])
+        else:
+            assert seen == [64] * 2 + [vision_stage["mean_kept"]] * (n_layers - 2)
+            assert per_layer[2:] == vision_stage["kv_cache_bytes_per_layer"][2:]
+        assert vision_stage["language_model_flops_per_prompt"] < row["language_model_flops_per_prompt"]
+        assert row["language_model_flops_per_prompt"] < stock["language_model_flops_per_prompt"]
     for entry in results["end_to_end"]["calibration"].values():
         assert 0 < entry["energy_ratio"] <= 1 and len(entry["budgets"]) == 2
         assert entry["budgets"][0] < entry["budgets"][1], "the images should differ in density"

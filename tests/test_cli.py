@@ -28,7 +28,7 @@ from adaprune import AdaPruneLlavaForConditionalGeneration
 from adaprune.tools.demo import demo_images
 from adaprune.tools.model_card import CALIBRATION_FILE
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY
-from adaprune.tools.workflow import finally_kept, load_model, open_image
+from adaprune.tools.workflow import DEFAULT_PROMPT, finally_kept, load_model, open_image, prompt_for
 
 BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
 SOURCE_LICENSE = "llama2"
@@ -303,6 +303,38 @@ def test_inspect_shows_the_tokens_an_in_llm_selector_keeps(
     assert len(kept) == 7 and torch.equal(kept, expected)
 
 
+def test_inspect_prints_and_draws_autoprunes_schedule(
+    converted: SimpleNamespace, image_paths: list[Path], tmp_path: Path
+) -> None:
+    """AutoPrune prunes after every layer: inspect prints the image's schedule (tokens after each layer, mean
+    the budget), what each layer sees and the mutual information, and draws the curve next to the kept patches."""
+    busy = next(path for path in image_paths if path.stem == "busy")
+    settings = ["--selector", "autoprune", "--budget-mode", "fixed", "--fixed-tokens", 8]
+    code, out, err = run_cli(
+        ["inspect", converted.dir, busy, "--max-new-tokens", 2, "--repeats", 1, "--output-dir", tmp_path, *settings]
+    )
+    assert code == 0, err
+    loaded = load_model(str(converted.dir), {"selector": "autoprune", "budget_mode": "fixed", "fixed_tokens": 8})
+    inputs = loaded.processor(
+        images=[open_image(busy)], text=[prompt_for(loaded.processor, DEFAULT_PROMPT)], return_tensors="pt"
+    )
+    with torch.no_grad():
+        output = loaded.model(**inputs)
+    schedule = output.selector_report["tokens_per_layer"][0].tolist()
+    seen = [SMALL_GEOMETRY.tokens_per_image, *schedule[:-1]]
+    match = re.search(
+        r"schedule, visual tokens after each decoder layer: \[(.*)\] \(mean (.*), budget 8\); "
+        r"each layer sees \[(.*)\]; mutual information (.*) bits",
+        out,
+    )
+    assert match, out
+    assert [int(value) for value in match[1].split(",")] == schedule and schedule[0] == 20
+    assert abs(float(match[2]) - 8) <= 1
+    assert [int(value) for value in match[3].split(",")] == seen
+    assert float(match[4]) == pytest.approx(float(output.selector_report["mutual_information"][0]), abs=1e-3)
+    assert_nontrivial_png(tmp_path / "busy_kept_patches.png")
+
+
 class FakeHub:
     """Records what adaprune hands to huggingface_hub.HfApi, with a snapshot of the uploaded folder."""
 
@@ -404,7 +436,7 @@ BAD_ARGUMENTS = [
     (["convert", "{stock}", "{fresh}", "--min-tokens", "many"], "argument --min-tokens: invalid int value: 'many'"),
     (
         ["convert", "{stock}", "{fresh}", "--selector", "best"],
-        "selector must be one of ['cls_attention', 'uniform', 'fastv', 'adaptprune'], got 'best'",
+        "selector must be one of ['cls_attention', 'uniform', 'fastv', 'adaptprune', 'autoprune'], got 'best'",
     ),
     (
         ["convert", "{stock}", "{fresh}", "--budget-scope", "crop"],

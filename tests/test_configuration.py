@@ -42,6 +42,11 @@ DOCUMENTED_DEFAULTS = {
     "adaptprune_radius": 5.0,
     "adaptprune_distance_sigma": 1.5,
     "adaptprune_similarity_sigma": 0.05,
+    "autoprune_first_keep_ratio": 2.5,
+    "autoprune_text_weight": 0.3,
+    "autoprune_midpoint": 14.9,
+    "autoprune_base_slope": 0.4,
+    "autoprune_mi_gain": 0.2,
     "position_policy": "compact",
 }
 
@@ -66,6 +71,11 @@ NON_DEFAULT_SETTINGS = {
     "adaptprune_radius": 3.0,
     "adaptprune_distance_sigma": 1.0,
     "adaptprune_similarity_sigma": 0.1,
+    "autoprune_first_keep_ratio": 3.0,
+    "autoprune_text_weight": 0.5,
+    "autoprune_midpoint": 10.0,
+    "autoprune_base_slope": 0.3,
+    "autoprune_mi_gain": 0.1,
     "position_policy": "original",
 }
 
@@ -83,6 +93,8 @@ BAD_VALUES = [
     ("prune_layer", 0, INTEGER_AT_LEAST_ONE),
     ("adaptprune_radius", 0, "a number > 0"),
     ("adaptprune_similarity_sigma", -0.1, "a number > 0"),
+    ("autoprune_first_keep_ratio", 0, "a number > 0"),
+    ("autoprune_midpoint", "14.9", "a number"),
     ("position_policy", "x", f"one of {list(POSITION_POLICIES)}"),
     ("enabled", "yes", BOOLEAN),
     ("randomized_rank", 0, INTEGER_AT_LEAST_ONE),

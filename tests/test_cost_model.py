@@ -42,6 +42,14 @@ def test_tiny_language_model_by_hand() -> None:
     assert kv_cache_bytes(TINY_LM, 5, bytes_per_value=4) == 320
 
 
+def test_per_layer_lengths_by_hand() -> None:
+    # Layer 0 on 5 tokens: 5760 linear + 480 attention; layer 1 on 3 tokens: 3 * 1152 + 6 pairs x 32 = 3456 + 192.
+    assert language_model_prefill_flops(TINY_LM, [5, 3]) == 5760 + 480 + 3456 + 192 + 160
+    assert language_model_prefill_flops(TINY_LM, [5, 5]) == language_model_prefill_flops(TINY_LM, 5)
+    with pytest.raises(ValueError, match=r"one length per layer \(2\), got 3"):
+        language_model_prefill_flops(TINY_LM, [5, 4, 3])
+
+
 def test_tiny_vision_tower_and_whole_prefill_by_hand() -> None:
     # Patch embedding 2 * 4 patches * (3 * 2 * 2) * 4 = 384; a layer on 5 tokens: 2 * 5 * (4 * 16 + 2 * 4 * 8) = 1280
     # plus 4 * 4 * 25 = 400 for bidirectional attention; projector 2 * 4 * (4 * 6 + 6 * 6) = 480.

@@ -1,5 +1,6 @@
-"""Pruning inside the language model (FastV, AdaptPrune): the oracle is the stock model fed the full sequence with the tokens
-the vision stage dropped masked in every layer and those dropped at layer K hidden from every query of layers >= K.
+"""Pruning inside the language model (FastV, AdaptPrune, AutoPrune): the oracle is the stock model fed the full
+sequence with the tokens the vision stage dropped masked in every layer and those dropped at each cut layer hidden
+from every query of the layers from that cut on.
 
 Randomized over batch size, left padding, images per prompt, budgets per row, vision stage on and off, and
 decoder families (Llama, Qwen2 with grouped-query attention and q/k/v biases, Mistral), all on SDPA.
@@ -7,7 +8,6 @@ decoder families (Llama, Qwen2 with grouped-query attention and q/k/v biases, Mi
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -25,8 +25,6 @@ from transformers import MistralConfig, Qwen2Config
 from adaprune.anyres_layout import budget_units
 from adaprune.compat import CACHE_ARGUMENT
 from adaprune.tools.tiny_llava import SMALL_GEOMETRY, build_config, build_processor, build_stock_model
-
-GEOMETRY = dataclasses.replace(SMALL_GEOMETRY, text_layers=4)
 
 
 def text_config(family: str, llama):
@@ -53,8 +51,8 @@ def text_config(family: str, llama):
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def family_checkpoint(request, tmp_path_factory):
     """(checkpoint, processor, stock model) with a 4-layer language model of each family."""
-    processor = build_processor(GEOMETRY)
-    config = build_config(processor, GEOMETRY)
+    processor = build_processor(SMALL_GEOMETRY)
+    config = build_config(processor, SMALL_GEOMETRY)
     config.text_config = text_config(request.param, config.text_config)
     stock = build_stock_model(config)
     directory = tmp_path_factory.mktemp(f"llava-{request.param}")
@@ -73,7 +71,7 @@ def test_random_batches_match_the_layer_masked_stock_model(seed: int, family_che
     )
     pruned = load_pruned(
         checkpoint,
-        selector=rng.choice(["fastv", "adaptprune"]),
+        selector=rng.choice(["fastv", "adaptprune", "autoprune"]),
         prune_layer=rng.randint(1, 3),
         min_tokens=rng.randint(1, 6),
         position_policy=rng.choice(["compact", "original"]),
@@ -126,18 +124,18 @@ def test_llava15_geometry_with_energy_budgets_matches_the_oracle(
 
 
 def test_prune_layer_outside_the_language_model_is_refused(small_checkpoint) -> None:
-    with pytest.raises(ValueError, match=r"prune_layer must be a decoder layer after the first, 1 to 1 .* got 2"):
-        load_pruned(small_checkpoint, selector="fastv")
+    with pytest.raises(ValueError, match=r"prune_layer must be a decoder layer after the first, 1 to 3 .* got 4"):
+        load_pruned(small_checkpoint, selector="fastv", prune_layer=4)
     model = load_pruned(small_checkpoint, selector="fastv", prune_layer=1)
     model.config.prune_layer = 5
-    with pytest.raises(ValueError, match=r"1 to 1 for this language model of 2 layers, got 5"):
+    with pytest.raises(ValueError, match=r"1 to 3 for this language model of 4 layers, got 5"):
         model.get_image_features(pixel_values=torch.zeros(1, 3, 112, 112))
 
 
 def test_sliding_window_layers_are_refused(tmp_path) -> None:
     """A sliding window counts cache entries, which in-LLM pruning removes: refused, naming the fix."""
-    processor = build_processor(GEOMETRY)
-    config = build_config(processor, GEOMETRY)
+    processor = build_processor(SMALL_GEOMETRY)
+    config = build_config(processor, SMALL_GEOMETRY)
     config.text_config = MistralConfig(**{**text_config("mistral", config.text_config).to_dict(), "sliding_window": 64})
     build_stock_model(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"layers \[2, 3\] use a sliding window .* text_config.sliding_window=None"):
@@ -146,9 +144,9 @@ def test_sliding_window_layers_are_refused(tmp_path) -> None:
 
 def test_adaptprune_needs_a_patch_grid(tmp_path, small_images: dict) -> None:
     """With the 'full' strategy an image's tokens include [CLS] and are no square grid."""
-    processor = build_processor(GEOMETRY)
+    processor = build_processor(SMALL_GEOMETRY)
     processor.vision_feature_select_strategy = "full"
-    config = build_config(processor, GEOMETRY)
+    config = build_config(processor, SMALL_GEOMETRY)
     config.vision_feature_select_strategy = "full"
     build_stock_model(config).save_pretrained(tmp_path)
     pruned = load_pruned(tmp_path, selector="adaptprune", budget_mode="fixed", fixed_tokens=4)
@@ -160,15 +158,21 @@ def test_adaptprune_needs_a_patch_grid(tmp_path, small_images: dict) -> None:
 
 @pytest.mark.parametrize(
     ("scope", "newlines", "selector"),
-    [("image", "keep_rows", "adaptprune"), ("crop", "drop", "adaptprune"), ("crop", "keep_rows", "fastv")],
+    [
+        ("image", "keep_rows", "adaptprune"),
+        ("crop", "drop", "adaptprune"),
+        ("crop", "keep_rows", "fastv"),
+        ("crop", "keep_rows", "autoprune"),
+        ("image", "drop", "autoprune"),
+    ],
 )
 def test_llava_next_packed_crops_match_the_layer_masked_stock_model(
     scope: str, newlines: str, selector: str, next_checkpoint, next_processor, next_stock, next_images: dict
 ) -> None:
     """Two images of different aspect ratios in one prompt, a text-only prompt and a third size alone, with
-    E-AdaPrune budgets per image or per crop: equal to the layer-masked stock model. At layer K every budget unit
-    keeps its own budget, and newlines are never chosen: they stay with a row that keeps a token ("keep_rows") or
-    never reach the language model ("drop")."""
+    E-AdaPrune budgets per image or per crop: equal to the layer-masked stock model. At every cut each budget unit
+    keeps its own count (its budget; for AutoPrune its schedule's count for that layer), and newlines are never
+    chosen: they stay with a row that keeps a token ("keep_rows") or never reach the language model ("drop")."""
     pruned = load_pruned(
         next_checkpoint,
         selector=selector,
@@ -184,15 +188,21 @@ def test_llava_next_packed_crops_match_the_layer_masked_stock_model(
     assert_matches_layer_oracle(pruned, next_stock, inputs)
 
     with torch.no_grad():
-        kept_by_image = pruned(**inputs).kept_indices_by_layer[1]
+        output = pruned(**inputs)
         vision_stage = image_features(pruned, inputs)
     assert [len(kept) for kept in vision_stage.unit_budgets] == ([1] * 3 if scope == "image" else [3, 3, 5])
-    for kept, layout, budgets in zip(kept_by_image, vision_stage.packed_layouts, vision_stage.unit_budgets):
-        units = budget_units([layout], scope)
-        assert [int(torch.isin(kept, positions).sum()) for _, positions in units] == budgets.tolist()
-        is_newline = layout.is_newline[kept]
-        expected_rows = set(layout.row[kept[~is_newline]].tolist()) - {-1} if newlines == "keep_rows" else set()
-        assert set(layout.row[kept[is_newline]].tolist()) == expected_rows
+    units_per_image = [len(budgets) for budgets in vision_stage.unit_budgets]
+    for layer in sorted(set(output.kept_indices_by_layer) - {0}):
+        if output.selector_report is None:
+            counts = vision_stage.unit_budgets
+        else:
+            counts = output.selector_report["tokens_per_layer"][:, layer - 1].split(units_per_image)
+        for kept, layout, unit_counts in zip(output.kept_indices_by_layer[layer], vision_stage.packed_layouts, counts):
+            units = budget_units([layout], scope)
+            assert [int(torch.isin(kept, positions).sum()) for _, positions in units] == unit_counts.tolist()
+            is_newline = layout.is_newline[kept]
+            expected_rows = set(layout.row[kept[~is_newline]].tolist()) - {-1} if newlines == "keep_rows" else set()
+            assert set(layout.row[kept[is_newline]].tolist()) == expected_rows
 
 
 def test_conversations_continue_the_per_layer_cache(family_checkpoint, small_images: dict) -> None:

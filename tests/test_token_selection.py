@@ -10,6 +10,7 @@ import torch
 
 from adaprune import PruningSettings
 from adaprune.method_adaptprune import AdaptPruneSelector
+from adaprune.method_autoprune import AutoPruneSelector
 from adaprune.method_cls_attention import ClsAttentionSelector
 from adaprune.method_fastv import FastVSelector
 from adaprune.method_uniform import UniformSelector
@@ -107,14 +108,16 @@ def test_registered_selectors_resolve_by_name() -> None:
     assert SELECTORS["fastv"].required_signals == frozenset({"prompt_attention"})
     assert PruningSettings(selector="adaptprune").token_selector == AdaptPruneSelector()
     assert SELECTORS["adaptprune"].required_signals == frozenset({"prompt_attention", "keys", "grid"})
-    stages = [SELECTORS[name].stage for name in ("cls_attention", "uniform", "fastv", "adaptprune")]
-    assert stages == ["vision", "vision", "language", "language"]
-    assert sorted(SELECTORS) == ["adaptprune", "cls_attention", "fastv", "uniform"]
+    assert PruningSettings(selector="autoprune").token_selector == AutoPruneSelector()
+    assert SELECTORS["autoprune"].required_signals == frozenset({"text_attention", "cls_attention"})
+    stages = [SELECTORS[name].stage for name in ("cls_attention", "uniform", "fastv", "adaptprune", "autoprune")]
+    assert stages == ["vision", "vision", "language", "language", "language"]
+    assert sorted(SELECTORS) == ["adaptprune", "autoprune", "cls_attention", "fastv", "uniform"]
 
 
 def test_unknown_selector_names_are_rejected_listing_the_registered_ones() -> None:
     """The error lists the registered names."""
-    with pytest.raises(ValueError, match=r"\['cls_attention', 'uniform', 'fastv', 'adaptprune'\].*'nope'"):
+    with pytest.raises(ValueError, match=r"\['cls_attention', 'uniform', 'fastv', 'adaptprune', 'autoprune'\].*'nope'"):
         PruningSettings(selector="nope")
 
 

@@ -345,13 +345,11 @@ def _vision_geometry(config: Any) -> VisionTowerGeometry:
 
 @dataclass
 class Variant:
-    """One way of running the model: which model, its pruning settings, and how its inputs are shortened;
-    `prune_layer` for an in-LLM selector (the layers below it see every visual token)."""
+    """One way of running the model: which model, its pruning settings, and how its inputs are shortened."""
 
     name: str
     target: int | None
     settings: dict[str, Any]
-    prune_layer: int | None = None
 
 
 def in_llm_layer(geometry: Geometry) -> int:
@@ -404,9 +402,7 @@ def _end_to_end(
                 continue
             variants.append(Variant(rule.name, target, {**settings, "selector": vision_selector}))
             in_llm += [
-                Variant(
-                    f"{rule.name}·{selector}", target, {**settings, "selector": selector, "prune_layer": layer}, layer
-                )
+                Variant(f"{rule.name}·{selector}", target, {**settings, "selector": selector, "prune_layer": layer})
                 for selector in LANGUAGE_SELECTORS
             ]
             if result is not None:
@@ -443,8 +439,8 @@ def _end_to_end(
                 setattr(pruned.config, name, value)
             runs = []
             for inputs in batches:
-                model, run_inputs, budgets, kept = _prepared(variant, stock, pruned, inputs, config, device)
-                lengths = [text_tokens + budget for budget in budgets]
+                model, run_inputs, budgets, kept, visual = _prepared(variant, stock, pruned, inputs, config, device)
+                lengths = [[text_tokens + count for count in per_layer] for per_layer in visual]
                 runs.append((model, run_inputs, budgets, kept, lengths))
             rows.append(_measure(variant, batch_size, runs, setting, device, lm, vision, text_tokens, bytes_per_value))
             log(_progress_line(rows[-1]))
@@ -458,19 +454,29 @@ def _prepared(
     inputs: dict,
     config: Any,
     device: torch.device,
-) -> tuple[LlavaForConditionalGeneration, dict, list[int], list[torch.Tensor] | None]:
-    """The model, inputs, per-image budgets and (ideal only) kept indices of one batch under a variant, whose
-    settings are already on `pruned.config`."""
-    tokens = config.image_seq_length
+) -> tuple[LlavaForConditionalGeneration, dict, list[int], list[torch.Tensor] | None, list[list[int]]]:
+    """The model, inputs, per-image budgets, (ideal only) kept indices and per image the visual tokens each
+    decoder layer sees, of one batch under a variant whose settings are already on `pruned.config` (an in-LLM
+    selector's come from a forward: its cuts shorten the sequence layer by layer)."""
+    n_layers, tokens, n_images = config.text_config.num_hidden_layers, config.image_seq_length, len(inputs["input_ids"])
     if variant.name == "stock":
-        return stock, _on(inputs, device), [tokens] * len(inputs["input_ids"]), None
+        return stock, _on(inputs, device), [tokens] * n_images, None, [[tokens] * n_layers] * n_images
     with torch.inference_mode():
         image_output = pruned.model.get_image_features(pixel_values=inputs["pixel_values"].to(device))
     budgets = image_output.token_budgets.tolist()
+    visual = [[budget] * n_layers for budget in budgets]
     if variant.name != "ideal":
-        return pruned, _on(inputs, device), budgets, None
+        if pruned.config.pruning.token_selector.stage == "language":
+            with torch.inference_mode():
+                by_layer = pruned(**_on(inputs, device), logits_to_keep=1).kept_indices_by_layer
+            cuts = sorted(by_layer)
+            visual = [
+                [len(by_layer[max(cut for cut in cuts if cut <= layer)][image]) for layer in range(n_layers)]
+                for image in range(n_images)
+            ]
+        return pruned, _on(inputs, device), budgets, None, visual
     shortened = _shortened_inputs(inputs, budgets, config.image_token_id, config.text_config.pad_token_id)
-    return stock, _on(shortened, device), budgets, image_output.kept_indices
+    return stock, _on(shortened, device), budgets, image_output.kept_indices, visual
 
 
 def _measure(
@@ -505,25 +511,17 @@ def _measure(
     def median_of_means(field: str) -> float:
         return statistics.median(statistics.mean(getattr(timing, field) for timing in timings) for timings in passes)
 
+    # per batch, per prompt, the sequence length each decoder layer sees (in-LLM selectors shorten it at their cuts)
     all_lengths = [lengths for *_, lengths in runs]
-    padded = [max(lengths) for lengths in all_lengths]
-    # an in-LLM selector's layers below K keep every visual token (no vision stage in the benchmark's variants)
-    cut = variant.prune_layer or 0
-    full_length = text_tokens + setting.geometry.tokens_per_image
+    prompt_lengths = [per_layer for lengths in all_lengths for per_layer in lengths]
+    padded = [[max(column) for column in zip(*lengths)] for lengths in all_lengths]
     first_token = median_of_means("first_token")
     decode = median_of_means("decode")
     kept = [budget for _, _, budgets, _, _ in runs for budget in budgets]
-    prompt_flops = statistics.mean(
-        vision_flops(vision) + language_model_prefill_flops(lm, full_length, length, cut)
-        for lengths in all_lengths
-        for length in lengths
-    )
+    lm_flops = statistics.mean(language_model_prefill_flops(lm, per_layer) for per_layer in prompt_lengths)
     layer_bytes = kv_cache_bytes(replace(lm, num_layers=1), 1, bytes_per_value)
     kv_per_layer = [
-        statistics.mean(
-            batch_size * layer_bytes * ((full_length if layer < cut else length) + setting.new_tokens)
-            for length in padded
-        )
+        statistics.mean(batch_size * layer_bytes * (lengths[layer] + setting.new_tokens) for lengths in padded)
         for layer in range(lm.num_layers)
     ]
     return {
@@ -534,20 +532,21 @@ def _measure(
         "mean_kept": statistics.mean(kept),
         "min_kept": min(kept),
         "max_kept": max(kept),
+        "visual_tokens_per_layer": [
+            statistics.mean(lengths[layer] - text_tokens for lengths in prompt_lengths)
+            for layer in range(lm.num_layers)
+        ],
         "time_to_first_token_s": first_token,
         "decode_tokens_per_s": batch_size * (setting.new_tokens - 1) / decode,
         "generate_s": median_of_means("total"),
         "peak_memory_bytes": statistics.mean(peaks),
         "kv_cache_bytes": sum(kv_per_layer),
         "kv_cache_bytes_per_layer": kv_per_layer,
-        "prune_layer": variant.prune_layer,
         "padding_fraction": statistics.mean(
-            1 - sum(lengths) / (len(lengths) * max(lengths)) for lengths in all_lengths
+            1 - sum(map(sum, lengths)) / (len(lengths) * sum(map(max, zip(*lengths)))) for lengths in all_lengths
         ),
-        "prefill_flops_per_prompt": prompt_flops,
-        "language_model_flops_per_prompt": statistics.mean(
-            language_model_prefill_flops(lm, full_length, length, cut) for lengths in all_lengths for length in lengths
-        ),
+        "prefill_flops_per_prompt": vision_flops(vision) + lm_flops,
+        "language_model_flops_per_prompt": lm_flops,
     }
 
 
@@ -797,9 +796,12 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
             else "resident memory (RSS) added during generate(), sampled every 1 ms; it counts every page touched, not "
             "tensors alone."
         )
-        + " KV cache: analytical, batch x (longest prefill row + new tokens), over all layers and per layer; an in-LLM "
-        "selector's variants (`rule·selector`, pruning from decoder layer K, the selectors' default 2) keep every "
-        "visual token in the layers below K and only the kept ones from K on (per layer: below K / from K). "
+        + " KV cache: analytical, batch x (longest prefill row in the layer + new tokens), over all layers and per "
+        "layer; an in-LLM selector's variants (`rule·selector`) keep every visual token in the layers below their "
+        "first cut and fewer after (per layer: the first / the last layer): FastV and AdaptPrune cut once, at "
+        "decoder layer K (the selectors' default 2), to the budget; AutoPrune after every layer, on a schedule whose "
+        "mean over the layers is the budget (the first layer sees every token, so the tokens it processes per layer "
+        "average more: see `visual_tokens_per_layer` in results.json). "
         "Ratios are to the stock model of the "
         f"same run (higher is better for speed, lower for memory). Overhead: {SUBJECT}'s time to first token over "
         "the ideal's at the same kept tokens."
@@ -886,12 +888,11 @@ def _end_to_end_markdown(results: dict[str, Any]) -> str:
 
 
 def _per_layer_kv(row: dict[str, Any]) -> str:
-    """KV MiB of one layer, or of a layer below K / from K for an in-LLM variant."""
+    """KV MiB of one layer, or of the first and the last layer when in-LLM pruning makes them differ."""
     per_layer = row["kv_cache_bytes_per_layer"]
-    cut = row["prune_layer"]
-    if cut is None:
+    if per_layer[0] == per_layer[-1]:
         return f"{per_layer[0] / 2**20:.2f}"
-    return f"{per_layer[0] / 2**20:.2f} / {per_layer[cut] / 2**20:.2f}"
+    return f"{per_layer[0] / 2**20:.2f} / {per_layer[-1] / 2**20:.2f}"
 
 
 def _solvers_markdown(solvers: dict[str, Any], machine: dict[str, Any]) -> str:

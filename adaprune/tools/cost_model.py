@@ -17,6 +17,7 @@ Pure functions of the geometry, so measured speedups can be set against the theo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 
@@ -84,22 +85,15 @@ def lm_head_flops(lm: LanguageModelGeometry, positions: int = 1) -> int:
     return 2 * lm.hidden_size * lm.vocab_size * positions
 
 
-def language_model_prefill_flops(
-    lm: LanguageModelGeometry, sequence_length: int, kept_length: int | None = None, prune_layer: int = 0
-) -> int:
-    """FLOPs of one prefill of `sequence_length` tokens, with logits at the last position only; with in-LLM
-    pruning, the layers from `prune_layer` on run on `kept_length` tokens."""
-    if kept_length is None or prune_layer == 0:
-        length = sequence_length if kept_length is None else kept_length
-        return decoder_linear_flops(lm, length) + causal_attention_flops(lm, length) + lm_head_flops(lm)
-    below, above = replace(lm, num_layers=prune_layer), replace(lm, num_layers=lm.num_layers - prune_layer)
-    return (
-        decoder_linear_flops(below, sequence_length)
-        + causal_attention_flops(below, sequence_length)
-        + decoder_linear_flops(above, kept_length)
-        + causal_attention_flops(above, kept_length)
-        + lm_head_flops(lm)
-    )
+def language_model_prefill_flops(lm: LanguageModelGeometry, lengths: int | Sequence[int]) -> int:
+    """FLOPs of one prefill, with logits at the last position only: `lengths` tokens in every layer, or per layer
+    (in-LLM pruning shortens the sequence from its cut layers on)."""
+    if isinstance(lengths, int):
+        return decoder_linear_flops(lm, lengths) + causal_attention_flops(lm, lengths) + lm_head_flops(lm)
+    if len(lengths) != lm.num_layers:
+        raise ValueError(f"expected one length per layer ({lm.num_layers}), got {len(lengths)}")
+    layer = replace(lm, num_layers=1)
+    return sum(decoder_linear_flops(layer, n) + causal_attention_flops(layer, n) for n in lengths) + lm_head_flops(lm)
 
 
 def decode_flops(lm: LanguageModelGeometry, context_length: int) -> int:

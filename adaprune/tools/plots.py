@@ -91,3 +91,30 @@ def save_energy_curves(
     axes.set_title("Energy curves")
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+def save_overlay_with_schedule(
+    title: str,
+    overlay: Image.Image,
+    after_layer: Sequence[int],
+    seen_by_layer: Sequence[int],
+    budget: int,
+    path: Path,
+) -> Path:
+    """The kept-patch overlay next to a per-layer retention schedule: the visual tokens left after each decoder
+    layer (whose mean is the budget, marked) and the tokens each layer sees."""
+    figure = Figure(figsize=(8.0, 3.6), layout="constrained")
+    picture, curve = figure.subplots(1, 2, width_ratios=[1, 1.3])
+    picture.imshow(np.asarray(overlay))
+    picture.set_title(title, fontsize=9)
+    picture.set_axis_off()
+    layers = np.arange(len(after_layer))
+    curve.plot(layers, after_layer, marker="o", color="#4C72B0", label="kept after the layer (schedule)")
+    curve.step(layers, seen_by_layer, where="mid", color="#DD8452", label="seen by the layer")
+    curve.axhline(budget, color="black", linestyle="--", linewidth=1, label=f"budget (mean) {budget}")
+    curve.set_xlabel("decoder layer")
+    curve.set_ylabel("visual tokens")
+    curve.set_ylim(bottom=0)
+    curve.set_title("Retention schedule", fontsize=9)
+    curve.legend(fontsize=8)
+    return _save(figure, path)

@@ -50,7 +50,7 @@ class Geometry:
     vision_heads: int = 4
     vision_intermediate: int = 128
     text_hidden: int = 64
-    text_layers: int = 2
+    text_layers: int = 4
     text_heads: int = 4
     text_intermediate: int = 128
     # None: the tokenizer's size; a larger vocabulary sizes the embedding and LM head like a real model's.

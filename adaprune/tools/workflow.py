@@ -45,7 +45,14 @@ from .model_card import (
     write_calibration_record,
     write_model_card,
 )
-from .plots import Box, draw_kept_patches, save_budget_histogram, save_energy_curves, save_overlays
+from .plots import (
+    Box,
+    draw_kept_patches,
+    save_budget_histogram,
+    save_energy_curves,
+    save_overlay_with_schedule,
+    save_overlays,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -531,6 +538,17 @@ def prefill_seconds(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], 
 
 
 @dataclass(frozen=True)
+class RetentionSchedule:
+    """A per-layer schedule: tokens kept after each decoder layer (its mean is the budget) and the tokens each
+    layer sees (layer 0 every one), with the mutual information that shaped it (one value per budget unit)."""
+
+    after_layer: list[int]
+    seen_by_layer: list[int]
+    budget: int
+    mutual_information: list[float]
+
+
+@dataclass(frozen=True)
 class Inspection:
     """One image through the model, with pruning on and off."""
 
@@ -539,16 +557,36 @@ class Inspection:
     answers: dict[str, str]  # "pruned" / "unpruned" -> greedy answer
     prefill_seconds: dict[str, float]
     overlay: Path | None
+    schedule: RetentionSchedule | None = None
 
 
 def finally_kept(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], image_output: Any) -> Any:
     """`image_output` with the tokens each image keeps in the end: an in-LLM selector chooses them inside the
-    language model, so a forward on `inputs` tells (its deepest pruning layer's); a vision-stage selector's are
-    already there."""
+    language model, so a forward on `inputs` tells (its deepest pruning layer's; the forward's
+    `kept_indices_by_layer` and `selector_report` go on `image_output` too); a vision-stage selector's are already
+    there."""
     if model.config.pruning.token_selector.stage == "language":
-        by_layer = model(**inputs).kept_indices_by_layer
+        forward = model(**inputs)
+        by_layer = forward.kept_indices_by_layer
         image_output.kept_indices = by_layer[max(by_layer)]
+        image_output.kept_indices_by_layer = by_layer
+        image_output.selector_report = forward.selector_report
     return image_output
+
+
+def retention_schedule_of(image_output: Any, image: int = 0) -> RetentionSchedule | None:
+    """The visual tokens image `image` keeps after each decoder layer by its selector's schedule (summed over its
+    budget units) and the tokens each layer sees, when the selector reports a schedule (AutoPrune)."""
+    report = getattr(image_output, "selector_report", None)
+    if not report or "tokens_per_layer" not in report:
+        return None
+    units_before = sum(len(budgets) for budgets in image_output.unit_budgets[:image])
+    units = slice(units_before, units_before + len(image_output.unit_budgets[image]))
+    scheduled = report["tokens_per_layer"][units].sum(0).tolist()
+    by_layer = image_output.kept_indices_by_layer
+    seen = [len(by_layer[max(cut for cut in by_layer if cut <= layer)][image]) for layer in range(len(scheduled))]
+    information = report["mutual_information"][units].tolist()
+    return RetentionSchedule(scheduled, seen, int(image_output.token_budgets[image]), information)
 
 
 def inspect_image(
@@ -568,6 +606,7 @@ def inspect_image(
     with torch.no_grad():
         image_output = finally_kept(model, inputs, model.get_image_features(**_image_inputs(processor, [image])))
     budget, tokens = int(image_output.token_budgets.sum()), sum(image_output.visual_tokens_per_image)
+    schedule = retention_schedule_of(image_output)
     answers, timings = {}, {}
     was_enabled = model.config.enabled
     try:
@@ -587,8 +626,15 @@ def inspect_image(
     if overlay is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         overlay_path = output_dir / f"{image_path.stem}_kept_patches.png"
-        save_overlays([(f"{image_path.name}: {budget} of {tokens} tokens", overlay)], overlay_path)
-    result = Inspection(budget, tokens, answers, timings, overlay_path)
+        title = f"{image_path.name}: {budget} of {tokens} tokens"
+        if schedule is None:
+            save_overlays([(title, overlay)], overlay_path)
+        else:
+            title = f"{image_path.name}: {len(image_output.kept_indices[0])} of {tokens} tokens at the last layer"
+            save_overlay_with_schedule(
+                title, overlay, schedule.after_layer, schedule.seen_by_layer, budget, overlay_path
+            )
+    result = Inspection(budget, tokens, answers, timings, overlay_path, schedule)
     print_inspection(image_path.name, model.config.energy_ratio, result, repeats)
     return result
 
@@ -603,5 +649,13 @@ def print_inspection(name: str, energy_ratio: float, result: Inspection, repeats
     for label in ("pruned", "unpruned"):
         print(f"  {label:<9} {result.prefill_seconds[label] * 1e3:>6.0f} ms  {result.answers[label]!r}")
     print(f"  (prefill: median of {repeats} after a warm-up, vision tower included, {torch.get_num_threads()} threads)")
+    schedule = result.schedule
+    if schedule is not None:
+        mean = sum(schedule.after_layer) / len(schedule.after_layer)
+        information = ", ".join(f"{value:.3f}" for value in schedule.mutual_information)
+        print(
+            f"  schedule, visual tokens after each decoder layer: {schedule.after_layer} (mean {mean:.1f}, budget "
+            f"{schedule.budget}); each layer sees {schedule.seen_by_layer}; mutual information {information} bits"
+        )
     if result.overlay is not None:
         print(f"wrote {result.overlay}")

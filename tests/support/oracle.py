@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -187,17 +188,18 @@ def assert_turns_match_oracle(
         assert max_abs_diff(ours.logits, reference.logits) <= TOLERANCE
 
 
-class HidingFromLayer:
-    """The oracle of in-LLM pruning, as a reusable context: the stock model with the (B, P) `hidden` positions of
-    the prompt hidden from every query of decoder layers >= `first_layer` (their key columns masked; layers below
-    see them). Rows of expanded batches (beams, return sequences) take their prompt's row."""
+class HidingByLayer:
+    """The oracle of in-LLM pruning, as a reusable context: the stock model with prompt positions hidden from every
+    query of the decoder layers from each cut on: `hidden` maps a cut layer to the (B, P) positions hidden from it
+    and every deeper layer up to the next cut (their key columns masked; layers below the first cut see them all).
+    Rows of expanded batches (beams, return sequences) take their prompt's row."""
 
-    def __init__(self, stock, first_layer: int, hidden: torch.Tensor) -> None:
-        self.layers = stock.model.language_model.layers[first_layer:]
+    def __init__(self, stock, hidden: dict[int, torch.Tensor]) -> None:
+        self.stock_layers = stock.model.language_model.layers
         self.hidden = hidden
         self.handles: list = []
 
-    def hide(self, module, args, kwargs):
+    def hide(self, hidden: torch.Tensor, module, args, kwargs):
         states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         batch, queries = states.shape[:2]
         mask = kwargs.get("attention_mask")
@@ -207,47 +209,61 @@ class HidingFromLayer:
             mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries).expand(batch, 1, -1, -1)
         assert mask.dtype == torch.bool, "the oracle needs the SDPA (boolean) mask"
         columns = torch.zeros(batch, mask.shape[-1], dtype=torch.bool)
-        columns[:, : self.hidden.shape[1]] = self.hidden.repeat_interleave(batch // len(self.hidden), dim=0)
+        columns[:, : hidden.shape[1]] = hidden.repeat_interleave(batch // len(hidden), dim=0)
         return args, {**kwargs, "attention_mask": mask & ~columns[:, None, None, :]}
 
     def __enter__(self) -> Self:
-        self.handles = [layer.register_forward_pre_hook(self.hide, with_kwargs=True) for layer in self.layers]
+        cuts = sorted(self.hidden)
+        for index in range(cuts[0], len(self.stock_layers)):
+            hidden = self.hidden[max(cut for cut in cuts if cut <= index)]
+            hook = partial(self.hide, hidden)
+            self.handles.append(self.stock_layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc_info) -> None:
         for handle in self.handles:
             handle.remove()
+        self.handles = []
+
+
+def cut_layers_of(forward) -> list[int]:
+    """The in-LLM cut layers a pruned forward reports, ascending."""
+    return sorted(layer for layer in forward.kept_indices_by_layer if layer > 0)
 
 
 def layer_hiding(pruned, stock, inputs: dict, forward=None) -> AbstractContextManager:
-    """The oracle's hiding of the tokens `pruned`'s in-LLM selector drops from its layer K on (`HidingFromLayer`
-    with the tokens its forward on `inputs` reports); nothing for a vision-stage selector."""
+    """The oracle's hiding of the tokens `pruned`'s in-LLM selector drops at each of its cuts (`HidingByLayer` with
+    the tokens its forward on `inputs` reports); nothing for a vision-stage selector."""
     config = pruned.config
     if config.pruning.token_selector.stage != "language":
         return nullcontext()
     with torch.no_grad():
         forward = pruned(**inputs) if forward is None else forward
         vision_stage = image_features(pruned, inputs)
-    hidden = dropped_placeholders(
-        inputs["input_ids"],
-        config.image_token_id,
-        forward.kept_indices_by_layer[config.prune_layer],
-        vision_stage.tokens_per_image,
-    )
-    return HidingFromLayer(stock, config.prune_layer, hidden)
+    hidden = {
+        layer: dropped_placeholders(
+            inputs["input_ids"],
+            config.image_token_id,
+            forward.kept_indices_by_layer[layer],
+            vision_stage.tokens_per_image,
+        )
+        for layer in cut_layers_of(forward)
+    }
+    return HidingByLayer(stock, hidden)
 
 
 def assert_matches_layer_oracle(pruned, stock, inputs: dict, **generation) -> None:
     """In-LLM pruning equals the stock model fed the full sequence with the tokens the vision stage dropped masked
-    in every layer and those the in-LLM selector dropped hidden from layer K on: logits at every kept position of
-    a forward, and `generate(**generation)` (greedy, 6 new tokens by default) tokens and logits. After the prefill,
-    each layer's cache holds the full length below K and the pruned length from K on."""
-    config = pruned.config
-    layer = config.prune_layer
+    in every layer and those the in-LLM selector dropped at each cut hidden from that layer on: logits at every
+    kept position of a forward, and `generate(**generation)` (greedy, 6 new tokens by default) tokens and logits.
+    After the prefill, each layer's cache holds the tokens present when it ran: the vision stage's below the
+    first cut, each cut's from there on."""
     with torch.no_grad():
         forward = pruned(**inputs)
         vision_stage = image_features(pruned, inputs)
-        reference_inputs = oracle_inputs(inputs, vision_stage, config.image_token_id, config.position_policy)
+        reference_inputs = oracle_inputs(
+            inputs, vision_stage, pruned.config.image_token_id, pruned.config.position_policy
+        )
         hiding = layer_hiding(pruned, stock, inputs, forward)
         with hiding:
             reference_forward = stock(**reference_inputs)
@@ -255,13 +271,22 @@ def assert_matches_layer_oracle(pruned, stock, inputs: dict, **generation) -> No
         index = forward.source_index.clamp_min(0).unsqueeze(-1).expand(-1, -1, forward.logits.shape[-1])
         reference_logits = torch.gather(reference_forward.logits, 1, index)
         assert float((forward.logits - reference_logits)[kept].abs().max()) <= TOLERANCE
-        kept_tokens = sum(len(kept) for kept in forward.kept_indices_by_layer[layer])
-        assert int(kept.sum()) == int(inputs["attention_mask"].sum()) - sum(vision_stage.tokens_per_image) + kept_tokens
 
+        cuts = cut_layers_of(forward)
+        assert cuts, "an in-LLM selector cuts at least once"
+        lengths_by_cut = {0: int(reference_inputs["attention_mask"].sum(-1).max())}
+        for layer in cuts:
+            mask = inputs["attention_mask"].bool() & ~hiding.hidden[layer]
+            lengths_by_cut[layer] = int(mask.sum(-1).max())
+            kept_tokens = sum(len(kept) for kept in forward.kept_indices_by_layer[layer])
+            n_text = int(inputs["attention_mask"].sum()) - sum(vision_stage.tokens_per_image)
+            assert int(mask.sum()) == n_text + kept_tokens
+        assert int(kept.sum()) == int(mask.sum())
         cache = output_cache(forward)
-        vision_length = int(reference_inputs["attention_mask"].sum(-1).max())
-        lengths = [cache.get_seq_length(index) for index in range(config.text_config.num_hidden_layers)]
-        assert lengths == [vision_length] * layer + [forward.source_index.shape[1]] * (len(lengths) - layer)
+        n_layers = pruned.config.text_config.num_hidden_layers
+        lengths = [cache.get_seq_length(index) for index in range(n_layers)]
+        expected = [lengths_by_cut[max(cut for cut in [0, *cuts] if cut <= index)] for index in range(n_layers)]
+        assert lengths == expected
 
         options = {
             "max_new_tokens": NEW_TOKENS,

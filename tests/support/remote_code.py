@@ -116,6 +116,7 @@ REMOTE_CODE_FILES = frozenset(
         "decoder_pruning.py",
         "image_pruning.py",
         "method_adaptprune.py",
+        "method_autoprune.py",
         "method_cls_attention.py",
         "method_energy.py",
         "method_fastv.py",
