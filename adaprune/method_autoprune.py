@@ -62,13 +62,20 @@ def retention_schedule(
     slope: torch.Tensor, first_keep: torch.LongTensor, targets: torch.LongTensor, n_layers: int, midpoint: float
 ) -> torch.LongTensor:
     """(n, n_layers) each unit's visual tokens after each layer: its curve scaled so that the counts sum to
-    `targets * n_layers` (a mean of `targets` per layer) as closely as integers allow. The scale is found by
-    bisection on [0, 20], batched over units; of the scales tried, the first closest to the target is kept (the
-    released search, which stops at an exact match, ends on the same scale)."""
+    `targets * n_layers` (a mean of `targets` per layer) as closely as integers allow.
+
+    The scale is found by bisection, batched over units, on the released range [0, 20], widened for a unit only
+    when even 20 falls short (a large target on a steep curve; the released code then misses its budget); of the
+    scales tried, the first closest to the target is kept (the released search, which stops at an exact match,
+    ends on the same counts). Raises ValueError, naming the values, when a target is out of reach: the mean would
+    miss it by a token or more. One host sync, for that check.
+    """
     curve = retention_curve(slope, n_layers, midpoint)
     wanted = targets.long() * n_layers
     low = torch.zeros(len(slope), dtype=torch.float64, device=slope.device)
-    high = torch.full_like(low, SCALE_RANGE)
+    released_high = torch.full_like(low, SCALE_RANGE)
+    short = schedule_counts(released_high, curve, first_keep).sum(-1) < wanted
+    high = torch.where(short, torch.maximum(released_high, 1 / curve[:, 1:].amin(-1)), released_high)
     best_scale, best_gap = low.clone(), torch.full_like(wanted, torch.iinfo(torch.long).max)
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
@@ -78,6 +85,15 @@ def retention_schedule(
         best_scale, best_gap = torch.where(better, middle, best_scale), torch.where(better, gap, best_gap)
         below = total < wanted
         low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    missed = (best_gap >= n_layers).nonzero().flatten().tolist()
+    if missed:
+        unit = missed[0]
+        most = (int(first_keep[unit]) + (n_layers - 1) * max(int(first_keep[unit]) - 1, 0)) / n_layers
+        raise ValueError(
+            f"autoprune cannot average {int(targets[unit])} visual tokens per layer over {n_layers} layers in budget "
+            f"unit {unit}, which keeps {int(first_keep[unit])} after layer 0 (at most {most:.2f} per layer); lower "
+            "its budget (fixed_tokens, max_tokens) or raise autoprune_first_keep_ratio"
+        )
     return schedule_counts(best_scale, curve, first_keep)
 
 

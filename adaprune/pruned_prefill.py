@@ -236,7 +236,7 @@ class PrunedPrefillMixin:
                 **kwargs,
             )
         report = None
-        if cuts is not None:
+        if cuts is not None and cuts.keeps:
             if self._held_selections is not None:
                 self._held_selections.setdefault(id(image_output), cuts.keeps)
             counts = torch.stack([keep.sum(-1) for keep in cuts.keeps.values()]).tolist()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from support.oracle import assert_matches_layer_oracle, llava15_case, load_pruned
 
+from adaprune.compat import output_cache
 from adaprune.method_autoprune import (
     AMPLITUDE,
     REFERENCE_DEPTH,
@@ -117,6 +118,29 @@ def test_schedules_equal_the_released_bisection_and_meet_the_budget(seed: int) -
             assert abs(sum(expected) - target * n_layers) <= n_layers
 
 
+def test_a_target_the_released_scale_range_misses_is_met_by_widening_it() -> None:
+    """On a steep curve over 32 layers, a large target needs a scale above the released bound of 20: the released
+    search stops short of the budget, adaprune's meets it."""
+    slope, first_keep, target = 0.4, 576, 500
+    released = released_schedule(slope, first_keep, target, 32, 14.9)
+    assert sum(released) < target * 32 - 32
+    ours = retention_schedule(
+        torch.tensor([slope], dtype=torch.float64), torch.tensor([first_keep]), torch.tensor([target]), 32, 14.9
+    )[0]
+    assert abs(int(ours.sum()) - target * 32) < 32 and ours[0] == first_keep
+
+
+def test_a_target_out_of_reach_is_a_clear_error() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"cannot average 50 visual tokens per layer over 4 layers in budget unit 1, "
+        r"which keeps 10 after layer 0 \(at most 9.25 per layer\)",
+    ):
+        retention_schedule(
+            torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([40, 10]), torch.tensor([16, 50]), 4, 14.9
+        )
+
+
 def test_high_mutual_information_prunes_early_and_low_prunes_late() -> None:
     flat, steep = retention_schedule(
         torch.tensor([0.0, 0.4], dtype=torch.float64), torch.tensor([160, 160]), torch.tensor([64, 64]), 32, 14.9
@@ -146,6 +170,14 @@ def test_llava15_geometry_schedules_per_image_match_the_oracle(llava15_checkpoin
     for layer in range(1, n_layers):
         assert [len(kept) for kept in output.kept_indices_by_layer[layer]] == schedule[:, layer - 1].tolist()
     assert ((schedule.sum(-1) - budgets * n_layers).abs() <= n_layers).all()
+    # each layer's cache holds what the schedule gave it: the longest row's text plus its images' counts
+    placeholders = inputs["input_ids"] == pruned.config.image_token_id
+    text = (inputs["attention_mask"].sum(-1) - placeholders.sum(-1)).tolist()
+    images_of_rows = [[0], [1, 2]]
+    counts = [torch.full((3,), 576), *schedule[:, :-1].T]
+    expected = [max(t + int(c[images].sum()) for t, images in zip(text, images_of_rows)) for c in counts]
+    cache = output_cache(output)
+    assert [cache.get_seq_length(layer) for layer in range(n_layers)] == expected
 
 
 def test_autoprune_needs_three_decoder_layers(tmp_path) -> None:
