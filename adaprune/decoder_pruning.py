@@ -202,17 +202,13 @@ class LayerCuts:
 ATTENTION_SIGNALS = frozenset({"prompt_attention", "text_attention"})
 
 
-def text_query_positions(tokens: ImageTokens, padding_mask: torch.Tensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
-    """Per row, the positions of the text after its last image token (its last position always included, so
-    text-only rows and prompts ending on an image have one): (B, Q) ascending, right-aligned, and which are such
-    positions (the first columns of rows with fewer are not). One host sync, for Q."""
+def trailing_text_lengths(tokens: ImageTokens, padding_mask: torch.Tensor) -> torch.LongTensor:
+    """(B,) per row of a left-padded batch, how many real tokens follow its last image token: the text rows, which
+    end the row (at least its last position, so text-only rows and prompts ending on an image have one). Cuts drop
+    only image tokens, so the counts hold at every cut of one prefill."""
     positions = torch.arange(padding_mask.shape[1], device=padding_mask.device)
     last_image = torch.where(tokens.image >= 0, positions, -1).amax(-1, keepdim=True)
-    text = padding_mask.bool() & (positions > last_image)
-    text[:, -1] = True
-    n_queries = int(text.sum(-1).max())
-    index = torch.argsort(text.int(), dim=-1, stable=True)[:, -n_queries:]
-    return index, text.gather(1, index)
+    return (padding_mask.bool() & (positions > last_image)).sum(-1).clamp_min(1)
 
 
 @contextmanager
@@ -237,7 +233,7 @@ def pruning_inside(
     segment: dict[str, Any] = {}
     current: dict[str, Any] = {"tokens": tokens, "padding_mask": padding_mask.bool()}
     captured: dict[int, dict[str, torch.Tensor]] = {}
-    queries: dict[str, torch.Tensor] = {}
+    queries: dict[str, Any] = {}
 
     def rewrite(index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if index in cut_layers:
@@ -252,8 +248,6 @@ def pruning_inside(
             signals = layer_signals(layer, layer_input)
             chosen = selector.keep_at(layer, signals, units.budgets, cuts.record) & signals["present"]
             keep = units.to_images(chosen)
-            if cuts.keeps:
-                keep &= cuts.keeps[max(cuts.keeps)]
         plan = left_compaction(current["tokens"].kept_positions(keep, current["padding_mask"]))
         hidden = plan.gather(layer_input)
         batch_shape = current["padding_mask"].shape
@@ -277,13 +271,20 @@ def pruning_inside(
         return units.to_units(current["tokens"].per_image(values, n_images, n_tokens, fill), fill)
 
     def query_positions() -> tuple[torch.Tensor, torch.LongTensor]:
+        """The current batch's padding mask and query positions: its last Q positions, those of each row's text
+        (`queries["valid"]`), or the last one alone. Q is read on the host once per prefill."""
         padding = current["padding_mask"]
-        if "text_attention" in selector.required_signals:
-            queries["index"], queries["valid"] = text_query_positions(current["tokens"], padding)
-        else:
-            queries["index"] = torch.full((len(padding), 1), padding.shape[1] - 1, device=padding.device)
-            queries["valid"] = torch.ones_like(queries["index"], dtype=torch.bool)
-        return padding, queries["index"]
+        length = padding.shape[1]
+        if "lengths" not in queries:
+            if "text_attention" in selector.required_signals:
+                queries["lengths"] = trailing_text_lengths(current["tokens"], padding)
+                queries["n_queries"] = int(queries["lengths"].max())
+            else:
+                queries["lengths"] = torch.ones(len(padding), dtype=torch.long, device=padding.device)
+                queries["n_queries"] = 1
+        index = torch.arange(length - queries["n_queries"], length, device=padding.device).expand(len(padding), -1)
+        queries["valid"] = index >= length - queries["lengths"].unsqueeze(-1)
+        return padding, index
 
     def layer_signals(layer: int, layer_input: torch.Tensor) -> dict[str, Any]:
         """What the selector reads at the cut before `layer`, per unit: the tokens present and what it requires."""

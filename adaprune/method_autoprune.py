@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .settings import LanguageModelSelector, is_number, positive_number, setting
+from .settings import LanguageModelSelector, positive_number, setting
 from .token_selection import top_k_mask
 
 REFERENCE_DEPTH = 32
@@ -54,8 +54,7 @@ def schedule_counts(scale: torch.Tensor, curve: torch.Tensor, first_keep: torch.
     scale p_j)) after layer j, never more than before."""
     base = (first_keep - 1).clamp_min(0).double().unsqueeze(-1)
     later = torch.ceil(base * (scale.unsqueeze(-1) * curve[:, 1:]).clamp_max(1)).long()
-    counts = torch.cat([first_keep.unsqueeze(-1), later.clamp_max(first_keep.unsqueeze(-1))], dim=-1)
-    return counts.cummin(dim=-1).values
+    return torch.cat([first_keep.unsqueeze(-1), later], dim=-1).cummin(dim=-1).values
 
 
 def retention_schedule(
@@ -97,10 +96,6 @@ def retention_schedule(
     return schedule_counts(best_scale, curve, first_keep)
 
 
-def _number(help_text: str, default: float) -> float:
-    return setting(default, help_text, check=is_number, expected="a number")
-
-
 @dataclass(frozen=True)
 class AutoPruneSelector(LanguageModelSelector):
     """AutoPrune (Wang et al., "Each Complexity Deserves a Pruning Policy", NeurIPS 2025, arXiv 2509.23931; code
@@ -130,13 +125,13 @@ class AutoPruneSelector(LanguageModelSelector):
     autoprune_first_keep_ratio: float = positive_number(
         "autoprune: tokens kept after layer 0, as a multiple of the budget (at most the unit's tokens)", 2.5
     )
-    autoprune_text_weight: float = _number("autoprune: weight of MI0 x text relevance against the [CLS] prior", 0.3)
-    autoprune_midpoint: float = _number(
-        "autoprune: x0, the retention curve's midpoint in layers of a 32-layer model (plus the slope, as released)",
+    autoprune_text_weight: float = setting(0.3, "autoprune: weight of MI0 x text relevance against the [CLS] prior")
+    autoprune_midpoint: float = setting(
         14.9,
+        "autoprune: x0, the retention curve's midpoint in layers of a 32-layer model (plus the slope, as released)",
     )
-    autoprune_base_slope: float = _number("autoprune: k0, the curve's slope at zero mutual information", 0.4)
-    autoprune_mi_gain: float = _number("autoprune: gamma, how much each bit of mutual information flattens it", 0.2)
+    autoprune_base_slope: float = setting(0.4, "autoprune: k0, the curve's slope at zero mutual information")
+    autoprune_mi_gain: float = setting(0.2, "autoprune: gamma, how much each bit of mutual information flattens it")
 
     def cut_layers(self, n_layers: int) -> tuple[int, ...]:
         if n_layers < 3:
