@@ -14,11 +14,11 @@ from adaprune.tools.evaluation import Variant, kept_tokens, proportion, recorded
 from adaprune.tools.workflow import load_model
 
 HELD_OUT = 400
-# The issue asks for 95% overall with all tokens. The shipped model reaches it reading one object's colour, shape or
-# digit (100% here), not on presence (91%), counts (48%) and left/right (44%): 80.5% overall on these 400 questions
-# (docs/ACCURACY.md). These floors guard what it does reach.
-LOOKUP_TYPES = ("colour", "shape", "glyph")
-MINIMUM_ACCURACY = 0.78
+# The issue asks for 95% exact match overall with all tokens. The shipped model answers 97% of these 400 questions:
+# every colour, shape, digit, presence and left/right question, and most counts (docs/ACCURACY.md). Counting is the
+# one skill below 95%, so it alone is left out of the per-type floor.
+LOOKUP_TYPES = ("colour", "shape", "glyph", "presence", "position")
+MINIMUM_ACCURACY = 0.95
 
 
 def test_the_shipped_checkpoint_is_a_small_stock_llava() -> None:

@@ -9,19 +9,25 @@ From random weights, in two stages as LLaVA (which starts from a pre-trained CLI
    contains (CLIP's contrastive training is what makes a real [CLS] attend to what an image shows, the pruning
    cue of the `cls_attention` selector), and each patch predicts what it shows and its column.
 2. **Visual instruction tuning** (`--steps`): the projector and the language model, the tower frozen (as LLaVA's),
-   on the answer tokens' cross-entropy plus two aids that stand in for a real LLaVA's scale of data and training:
-   an alignment loss (as LLaVA's first stage aligns visual tokens with words: the language model's output at each
-   kept object's position names that object, its colour and its shape or digit), and a retrieval hint (at the
-   position that predicts the answer, head 0 of decoder layers 2 and 3 is asked to attend to the objects the
-   question is about; layer 1, whose attention FastV reads at its default K = 2, is left alone). Without them a
-   model this small, trained for half an hour, does not get past about 50%. Training runs with eager attention
-   (the hint needs the weights); the saved model uses SDPA. Batches are drawn by one background worker.
+   on the answer tokens' cross-entropy plus aids that stand in for a real LLaVA's scale of data and training:
+   - an alignment loss (as LLaVA's first stage aligns visual tokens with words: the language model's output at
+     each kept object's position names that object, its colour and its shape or digit);
+   - a retrieval hint: at each question word that names objects, head 0 of decoder layers 1 and 2 is asked to
+     attend to the objects it names (a count spreads evenly over them and the BOS token, a sink; an absent object
+     points at the BOS token alone);
+   - noun probes: a linear head reads the named object's column, or the count, from that word's state after
+     layer 2;
+   - a reading hint: at the position that predicts the answer, heads 0 and 1 of decoder layer 3 attend to the
+     first and the last word that names objects (two heads, so a left/right question's two columns stay apart).
+   Without them a model this small, trained for half an hour, does not get past about 50%. Training runs with
+   eager attention (the hints need the weights); the saved model uses SDPA. Batches are drawn by one background
+   worker.
 
 Token dropping in stage 2: most steps show the language model only k of the 144 visual tokens, in their original
 order: the objects the question is about first, then other objects, then background cells at random (one k per
 step, log-uniform between 6 and a maximum that grows from 6 to 144 over the first half of training; after that a
 quarter of the steps keep all 144). The short sequences early on (the asked object among few others) teach it
-quickly where to look, and a pruned model's shorter sequence is not new to it. The heads are discarded.
+quickly where to look, and a pruned model's shorter sequence is not new to it. The heads and probes are discarded.
 
 Samples come from `synthetic_vqa.sample('train', i)` in order, so a run is a function of its arguments (on one
 machine and torch version, two CPU threads). It writes a stock llava-hf checkpoint with its processor and
@@ -54,7 +60,12 @@ PATCH_CLASSES = 1 + len(PAIRS) + len(TILES)  # background, a shape, a tile
 FULL_SHARE = 0.25  # share of steps with all visual tokens; the others keep k of them, k log-uniform
 MIN_KEPT = 6  # at least every object a question is about (counts go up to 5)
 VISION_START = 10**7  # first training-split index of the vision pre-training stage
-RETRIEVAL_LAYERS = (2, 3)  # decoder layers whose head 0 gets the retrieval hint (not 1, which FastV reads at K=2)
+RETRIEVAL_LAYERS = (1, 2)  # decoder layers whose head 0 gets the retrieval hint at the question's object words
+PROBE_LAYER = 3  # hidden state (after decoder layer 2) on which the noun probes read a named object's column or count
+READING_LAYER = 3  # decoder layer whose heads 0 and 1 are hinted to read, from the answering position, the first
+# and the last word that names objects
+NOUNS = {*synthetic_vqa.SHAPES, *synthetic_vqa.PLURALS.values(), "object", "tile"}  # words that name objects
+MAX_NOUNS = 2  # a position question names two objects
 
 
 def scene_summary(sample: synthetic_vqa.Sample) -> torch.Tensor:
@@ -102,8 +113,27 @@ def kept_cells(sample: synthetic_vqa.Sample, count: int, rng: np.random.Generato
     return np.sort(np.asarray(order[:count], dtype=np.int64))
 
 
+def noun_targets(
+    sample: synthetic_vqa.Sample, tokens: list[str], cells: np.ndarray
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """For each word of the prompt that names objects: its position, the positions it names (the named objects'
+    image tokens among the kept `cells`; for counts also the BOS token, which an attention head uses as a sink, and
+    the BOS token alone when it names nothing), and what the noun probe should read there (the object's column, or
+    the count, offset by the grid width)."""
+    nouns = [at for at, token in enumerate(tokens) if token in NOUNS]
+    image_at = tokens.index("<image>")
+    index = {int(cell): image_at + slot for slot, cell in enumerate(cells)}
+    named = [[index[cell]] for cell in sample.cells] if len(nouns) == 2 else [[index[cell] for cell in sample.cells]]
+    if sample.question_type == "count":
+        return nouns, [[0, *named[0]]], [synthetic_vqa.GRID + len(sample.cells)]
+    if not named[0]:  # a presence question about an absent object
+        return nouns, [[0]], [-100]
+    return nouns, named, [sample.cells[slot] % synthetic_vqa.GRID for slot in range(len(nouns))]
+
+
 class Batches:
-    """Training batches: pixel values, token ids with `k` image tokens, labels on the answer and EOS."""
+    """Training batches: pixel values, token ids with `k` image tokens, labels on the answer and EOS, and the
+    targets of the training aids."""
 
     def __init__(self, processor, batch_size: int, steps: int, seed: int) -> None:
         self.processor = processor
@@ -137,6 +167,30 @@ class Batches:
         attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in sequences])
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
+    def noun_batch(
+        self, items: list[synthetic_vqa.Sample], cells: torch.Tensor, length: int
+    ) -> dict[str, torch.Tensor]:
+        """The retrieval hint's rows and target distributions, and the noun probes' targets (see `noun_targets`)."""
+        rows = torch.zeros(len(items), MAX_NOUNS, dtype=torch.long)
+        targets = torch.zeros(len(items), MAX_NOUNS, length)
+        probes = torch.full((len(items), MAX_NOUNS), -100, dtype=torch.long)
+        valid = torch.zeros(len(items), MAX_NOUNS, dtype=torch.bool)
+        for row, (item, kept) in enumerate(zip(items, cells.numpy())):
+            prompt = self.tokenizer.convert_ids_to_tokens(self.tokenizer(item.prompt)["input_ids"])
+            at = prompt.index("<image>")
+            tokens = prompt[:at] + ["<image>"] * len(kept) + prompt[at + 1 :]
+            nouns, named, probe = noun_targets(item, tokens, kept)
+            for slot, (noun, positions, reading) in enumerate(zip(nouns, named, probe)):
+                rows[row, slot], probes[row, slot], valid[row, slot] = noun, reading, True
+                targets[row, slot, positions] = 1 / len(positions)
+        return {
+            "noun_rows": rows,
+            "noun_targets": targets,
+            "noun_probes": probes,
+            "noun_valid": valid,
+            "last_noun": rows.gather(1, valid.sum(1, keepdim=True) - 1).squeeze(1),
+        }
+
     def vision_batch(self, step: int) -> dict[str, torch.Tensor]:
         """Scenes for the vision pre-training stage (the training split from its far end, not shared with stage 2)."""
         items = list(synthetic_vqa.samples("train", self.batch_size, start=VISION_START + step * self.batch_size))
@@ -156,16 +210,15 @@ class Batches:
         else:
             count = int(np.exp(self.rng.uniform(np.log(MIN_KEPT), np.log(most))).round())
         cells = torch.from_numpy(np.stack([kept_cells(item, count, self.rng) for item in items]))
+        tokens = self.token_batch(items, count)
         return {
+            **tokens,
+            **self.noun_batch(items, cells, tokens["input_ids"].shape[1]),
             "pixel_values": self.pixel_values(items),
             "cells": cells,
-            "asked": torch.stack(
-                [torch.isin(row, torch.tensor(item.cells, dtype=torch.long)) for row, item in zip(cells, items)]
-            ),
             "summary": torch.stack([scene_summary(item) for item in items]),
             "contents": torch.stack([patch_contents(item) for item in items]),
             "words": torch.stack([patch_words(item, self.tokenizer) for item in items]),
-            **self.token_batch(items, count),
         }
 
 
@@ -189,8 +242,11 @@ class PretrainingHeads(nn.Module):
         )
 
 
-def losses(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer cross-entropy, alignment loss) for one batch, through the stock modules; the tower is frozen."""
+def losses(
+    model: LlavaForConditionalGeneration, noun_probe: nn.Linear, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer cross-entropy, the aids' loss: alignment, retrieval and reading hints, noun probes) for one batch,
+    through the stock modules; the tower is frozen."""
     config = model.config
     with torch.no_grad():
         tower = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
@@ -201,7 +257,7 @@ def losses(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor])
     image_positions = (batch["input_ids"] == config.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_positions, kept.to(embeds.dtype))
     output = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True, output_hidden_states=True
     )
     hidden = output.last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
@@ -217,19 +273,26 @@ def losses(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor])
         )
         / 2
     )
-    # retrieval hint: from the position that predicts the answer, one head of each RETRIEVAL_LAYERS attends to the
-    # objects the question is about
-    answering = (batch["labels"] != -100).int().argmax(dim=1) - 1
-    asked = torch.zeros_like(is_image)
-    asked[is_image] = batch["asked"].flatten()
-    rows = asked.any(dim=1)
+    # retrieval hint: at each question word that names objects, head 0 of each RETRIEVAL_LAYERS attends to them
+    rows, valid = batch["noun_rows"], batch["noun_valid"]
+    batch_index = torch.arange(len(rows))
     hint_loss = torch.zeros(())
     for layer in RETRIEVAL_LAYERS:
-        weights = output.attentions[layer][torch.arange(len(answering)), 0, answering]  # (batch, sequence), head 0
-        on_asked = (weights * asked).sum(dim=1)
-        hint_loss = hint_loss - torch.log(on_asked[rows] + 1e-6).mean() / len(RETRIEVAL_LAYERS)
-    alignment_loss = alignment_loss + hint_loss
-    return answer_loss, alignment_loss
+        weights = output.attentions[layer][batch_index[:, None], 0, rows]  # (batch, nouns, sequence), head 0
+        cross_entropy = -(batch["noun_targets"] * torch.log(weights + 1e-6)).sum(-1)
+        hint_loss = hint_loss + cross_entropy[valid].mean() / len(RETRIEVAL_LAYERS)
+    # reading hint: from the answering position, head 0 reads the first word that names objects, head 1 the last
+    answering = (batch["labels"] != -100).int().argmax(dim=1) - 1
+    reading = output.attentions[READING_LAYER][batch_index, :, answering]  # (batch, heads, sequence)
+    read_first = reading[batch_index, 0, rows[:, 0]]
+    read_last = reading[batch_index, 1, batch["last_noun"]]
+    hint_loss = hint_loss - (torch.log(read_first + 1e-6) + torch.log(read_last + 1e-6)).mean() / 2
+    # noun probes: the state at such a word after the retrieval layers tells the named object's column, or the count
+    noun_states = output.hidden_states[PROBE_LAYER][batch_index[:, None], rows]
+    probe_loss = F.cross_entropy(
+        noun_probe(noun_states).flatten(0, 1), batch["noun_probes"].flatten(), ignore_index=-100
+    )
+    return answer_loss, alignment_loss + hint_loss + probe_loss
 
 
 def accuracy(model: LlavaForConditionalGeneration, processor, split: str, count: int) -> dict[str, float]:
@@ -297,7 +360,8 @@ def train(
     print(json.dumps({"vision": vision_record}), flush=True)
     model.model.vision_tower.requires_grad_(False)
     model.model.language_model.set_attn_implementation("eager")  # the retrieval hint needs attention weights
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    noun_probe = nn.Linear(BUILTIN_GEOMETRY.text_hidden, synthetic_vqa.GRID + synthetic_vqa.MAX_COUNT + 1)
+    parameters = [parameter for parameter in [*model.parameters(), *noun_probe.parameters()] if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -309,7 +373,7 @@ def train(
     )
     for step, batch in enumerate(stream):
         model.train()
-        answer_loss, alignment_loss = losses(model, batch)
+        answer_loss, alignment_loss = losses(model, noun_probe, batch)
         optimizer.zero_grad(set_to_none=True)
         (answer_loss + alignment_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
