@@ -14,10 +14,9 @@ from adaprune.tools.evaluation import Variant, kept_tokens, proportion, recorded
 from adaprune.tools.workflow import load_model
 
 HELD_OUT = 400
-# The issue asks for 95% exact match overall with all tokens. The shipped model answers 97% of these 400 questions:
-# every colour, shape, digit, presence and left/right question, and most counts (docs/ACCURACY.md). Counting is the
-# one skill below 95%, so it alone is left out of the per-type floor.
-LOOKUP_TYPES = ("colour", "shape", "glyph", "presence", "position")
+# The issue asks for 95% exact match overall with all tokens; the shipped model answers all but one or two of these
+# 400 questions (docs/ACCURACY.md). Each question type must reach the bar too, so that a model that gave up on one
+# skill (as an earlier one did on left/right) cannot pass on the others.
 MINIMUM_ACCURACY = 0.95
 
 
@@ -49,7 +48,7 @@ def test_the_shipped_model_answers_held_out_questions_with_all_tokens() -> None:
         kind: proportion([ok for ok, item in zip(run.correct, questions) if item.question_type == kind]).value
         for kind in synthetic_vqa.QUESTION_TYPES
     }
-    assert all(by_type[kind] >= 0.95 for kind in LOOKUP_TYPES), by_type
+    assert all(accuracy >= MINIMUM_ACCURACY for accuracy in by_type.values()), by_type
     assert proportion(run.correct).value >= MINIMUM_ACCURACY, by_type
 
 

@@ -8,7 +8,7 @@ import torch
 
 from adaprune.tools import synthetic_vqa
 from adaprune.tools.builtin_llava import build_builtin_processor
-from adaprune.tools.train_builtin import NOUNS, Batches, kept_cells
+from adaprune.tools.train_builtin import NOUNS, SINK_WEIGHT, Batches, kept_cells
 
 
 def test_training_pixels_are_the_processors() -> None:
@@ -65,6 +65,8 @@ def test_hints_point_each_naming_word_at_the_objects_it_names() -> None:
             probe = int(hints["noun_probes"][row, slot])
             if item.question_type == "count":
                 assert pointed[0] == 0 and len(named) == int(item.answer)  # the BOS sink and every counted shape
+                if named:  # the sink weighs as much as SINK_WEIGHT counted shapes
+                    torch.testing.assert_close(targets[0], targets[pointed[1]] * SINK_WEIGHT)
                 assert all(synthetic_vqa.PLURALS[by_cell[cell].label] == words[0] for cell in named)
                 assert probe == synthetic_vqa.GRID + int(item.answer)
             elif item.question_type == "presence" and item.answer == "no":

@@ -29,7 +29,8 @@ step, log-uniform between 6 and a maximum that grows from 6 to 144 over the firs
 quarter of the steps keep all 144). The short sequences early on (the asked object among few others) teach it
 quickly where to look, and a pruned model's shorter sequence is not new to it. The heads and probes are discarded.
 
-Samples come from `synthetic_vqa.sample('train', i)` in order, so a run is a function of its arguments (on one
+Stage 2's samples come from `synthetic_vqa.sample('train', i)` in order (every count question and the others at even
+`i`, so that counts get more practice), so a run is a function of its arguments (on one
 machine and torch version, two CPU threads). It writes a stock llava-hf checkpoint with its processor and
 `training.json` (arguments, time, losses and accuracy on 256 calibration questions along the way).
 """
@@ -37,9 +38,11 @@ machine and torch version, two CPU threads). It writes a stock llava-hf checkpoi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,7 @@ READING_LAYER = 3  # decoder layer whose heads 0 and 1 are hinted to read, from 
 # and the last word that names objects
 NOUNS = {*synthetic_vqa.SHAPES, *synthetic_vqa.PLURALS.values(), "object", "tile"}  # words that name objects
 MAX_NOUNS = 2  # a position question names two objects
+SINK_WEIGHT = 2  # in a count's retrieval target the BOS token weighs as much as this many counted objects
 
 
 def scene_summary(sample: synthetic_vqa.Sample) -> torch.Tensor:
@@ -117,18 +121,26 @@ def noun_targets(
     sample: synthetic_vqa.Sample, tokens: list[str], cells: np.ndarray
 ) -> tuple[list[int], list[list[int]], list[int]]:
     """For each word of the prompt that names objects: its position, the positions it names (the named objects'
-    image tokens among the kept `cells`; for counts also the BOS token, which an attention head uses as a sink, and
-    the BOS token alone when it names nothing), and what the noun probe should read there (the object's column, or
+    image tokens among the kept `cells`, each listed once per unit of weight; for counts also the BOS token, which
+    an attention head uses as a sink, SINK_WEIGHT times, and the BOS token alone when it names nothing), and what the noun probe should read there (the object's column, or
     the count, offset by the grid width)."""
     nouns = [at for at, token in enumerate(tokens) if token in NOUNS]
     image_at = tokens.index("<image>")
     index = {int(cell): image_at + slot for slot, cell in enumerate(cells)}
     named = [[index[cell]] for cell in sample.cells] if len(nouns) == 2 else [[index[cell] for cell in sample.cells]]
     if sample.question_type == "count":
-        return nouns, [[0, *named[0]]], [synthetic_vqa.GRID + len(sample.cells)]
+        return nouns, [[0] * SINK_WEIGHT + named[0]], [synthetic_vqa.GRID + len(sample.cells)]
     if not named[0]:  # a presence question about an absent object
         return nouns, [[0]], [-100]
     return nouns, named, [sample.cells[slot] % synthetic_vqa.GRID for slot in range(len(nouns))]
+
+
+def stage_two_indices() -> Iterator[int]:
+    """Training-split indices for stage 2, in order: every count question and every other question at an even index
+    (counting, the hardest skill, gets 2/7 of the questions instead of 1/6)."""
+    for index in itertools.count():
+        if index % 2 == 0 or synthetic_vqa.sample("train", index).question_type == "count":
+            yield index
 
 
 class Batches:
@@ -145,6 +157,7 @@ class Batches:
         self.mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
         self.image_token_id = processor.image_token_id
+        self.index_stream, self.indices = stage_two_indices(), []
 
     def pixel_values(self, items: list[synthetic_vqa.Sample]) -> torch.Tensor:
         """As the processor makes them (192 px images need no resize or crop): rescale and normalise."""
@@ -182,7 +195,9 @@ class Batches:
             nouns, named, probe = noun_targets(item, tokens, kept)
             for slot, (noun, positions, reading) in enumerate(zip(nouns, named, probe)):
                 rows[row, slot], probes[row, slot], valid[row, slot] = noun, reading, True
-                targets[row, slot, positions] = 1 / len(positions)
+                targets[row, slot].index_add_(
+                    0, torch.tensor(positions), torch.full((len(positions),), 1 / len(positions))
+                )
         return {
             "noun_rows": rows,
             "noun_targets": targets,
@@ -201,7 +216,11 @@ class Batches:
         }
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
-        items = list(synthetic_vqa.samples("train", self.batch_size, start=step * self.batch_size))
+        while len(self.indices) < (step + 1) * self.batch_size:
+            self.indices.append(next(self.index_stream))
+        items = [
+            synthetic_vqa.sample("train", index) for index in self.indices[step * self.batch_size :][: self.batch_size]
+        ]
         tokens = synthetic_vqa.GRID**2
         # curriculum: the most tokens a step keeps grows from MIN_KEPT to all over the first half of training
         most = round(MIN_KEPT + (tokens - MIN_KEPT) * min(1.0, 2 * step / self.steps))
