@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 import torch
 from support.cli import assert_nontrivial_png, run_cli
-from test_methods import HalvingBudget
+from support.toy_methods import HalvingBudget
 
 from adaprune.methods import BUDGET_RULES, SELECTORS, registered
 from adaprune.settings import BudgetRule, setting

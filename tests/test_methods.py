@@ -1,5 +1,5 @@
 """Every registered pruning method, on both model families, through the same contract (`support.contract`); and a
-method defined inside a test reaching the config, the command line and that contract with no other file touched."""
+method defined in the tests reaching the config, the command line and that contract with no other file touched."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import ClassVar
 import pytest
 import torch
 from support.contract import Family, check_contract, check_remote_round_trip
+from support.toy_methods import HalvingBudget
 
 from adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig
 from adaprune.methods import BUDGET_RULES, SELECTORS, registered
-from adaprune.settings import BudgetRule, TokenSelector, setting
+from adaprune.settings import TokenSelector
 from adaprune.tools.cli import build_parser, pruning_overrides
 from adaprune.tools.settings_docs import settings_table
 
@@ -53,25 +54,6 @@ def test_every_registered_method_meets_the_contract(family: Family, choice: dict
 
 def test_every_registered_method_round_trips_through_remote_code(family: Family, tmp_path: Path) -> None:
     check_remote_round_trip(family, METHOD_CHOICES, tmp_path)
-
-
-@dataclass(frozen=True)
-class HalvingBudget(BudgetRule):
-    """A toy budget rule: every unit keeps a fraction of its tokens."""
-
-    name: ClassVar[str] = "toy_halving"
-
-    toy_fraction: float = setting(
-        0.5,
-        "fraction of its tokens each unit keeps",
-        check=lambda value: isinstance(value, float) and 0 < value <= 1,
-        expected="a float in (0, 1]",
-    )
-
-    def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
-        n_units, n_tokens = spectrum_features.shape[:2]
-        count = max(1, int(n_tokens * self.toy_fraction))
-        return torch.full((n_units,), count, device=spectrum_features.device)
 
 
 @dataclass(frozen=True)
