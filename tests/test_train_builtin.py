@@ -47,7 +47,7 @@ def test_hints_point_each_naming_word_at_the_objects_it_names() -> None:
     rng = np.random.default_rng(0)
     cells = torch.from_numpy(np.stack([kept_cells(item, 20, rng) for item in items]))
     tokens = Batches(processor, len(items), 10, 0).token_batch(items, 20)
-    hints = Batches(processor, len(items), 10, 0).noun_batch(items, cells, tokens["input_ids"].shape[1])
+    hints = Batches(processor, len(items), 10, 0).noun_batch(items, cells, tokens)
     for row, item in enumerate(items):
         ids = tokens["input_ids"][row]
         first_image = int((ids == processor.image_token_id).nonzero()[0])

@@ -120,10 +120,10 @@ def kept_cells(sample: synthetic_vqa.Sample, count: int, rng: np.random.Generato
 def noun_targets(
     sample: synthetic_vqa.Sample, tokens: list[str], cells: np.ndarray
 ) -> tuple[list[int], list[list[int]], list[int]]:
-    """For each word of the prompt that names objects: its position, the positions it names (the named objects'
-    image tokens among the kept `cells`, each listed once per unit of weight; for counts also the BOS token, which
-    an attention head uses as a sink, SINK_WEIGHT times, and the BOS token alone when it names nothing), and what the noun probe should read there (the object's column, or
-    the count, offset by the grid width)."""
+    """For each word of the prompt `tokens` that names objects: its position; the positions it points at, each
+    listed once per unit of weight (the named objects' image tokens among the kept `cells`; for a count also the BOS
+    token, a sink, SINK_WEIGHT times; the BOS token alone for an absent object); and what the noun probe reads there
+    (the named object's column, or the grid width plus the count)."""
     nouns = [at for at, token in enumerate(tokens) if token in NOUNS]
     image_at = tokens.index("<image>")
     index = {int(cell): image_at + slot for slot, cell in enumerate(cells)}
@@ -181,17 +181,18 @@ class Batches:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
     def noun_batch(
-        self, items: list[synthetic_vqa.Sample], cells: torch.Tensor, length: int
+        self, items: list[synthetic_vqa.Sample], cells: torch.Tensor, token_batch: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The retrieval hint's rows and target distributions, and the noun probes' targets (see `noun_targets`)."""
+        """The retrieval hint's rows and target distributions, and the noun probes' targets (see `noun_targets`), for
+        the prompts of `token_batch` (the tokens before the first labelled one)."""
+        input_ids, labels = token_batch["input_ids"], token_batch["labels"]
         rows = torch.zeros(len(items), MAX_NOUNS, dtype=torch.long)
-        targets = torch.zeros(len(items), MAX_NOUNS, length)
+        targets = torch.zeros(len(items), MAX_NOUNS, input_ids.shape[1])
         probes = torch.full((len(items), MAX_NOUNS), -100, dtype=torch.long)
         valid = torch.zeros(len(items), MAX_NOUNS, dtype=torch.bool)
-        for row, (item, kept) in enumerate(zip(items, cells.numpy())):
-            prompt = self.tokenizer.convert_ids_to_tokens(self.tokenizer(item.prompt)["input_ids"])
-            at = prompt.index("<image>")
-            tokens = prompt[:at] + ["<image>"] * len(kept) + prompt[at + 1 :]
+        prompt_lengths = (labels != -100).int().argmax(dim=1).tolist()
+        for row, (item, kept, length) in enumerate(zip(items, cells.numpy(), prompt_lengths)):
+            tokens = self.tokenizer.convert_ids_to_tokens(input_ids[row, :length].tolist())
             nouns, named, probe = noun_targets(item, tokens, kept)
             for slot, (noun, positions, reading) in enumerate(zip(nouns, named, probe)):
                 rows[row, slot], probes[row, slot], valid[row, slot] = noun, reading, True
@@ -232,7 +233,7 @@ class Batches:
         tokens = self.token_batch(items, count)
         return {
             **tokens,
-            **self.noun_batch(items, cells, tokens["input_ids"].shape[1]),
+            **self.noun_batch(items, cells, tokens),
             "pixel_values": self.pixel_values(items),
             "cells": cells,
             "summary": torch.stack([scene_summary(item) for item in items]),
