@@ -15,10 +15,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaNextConfig
 
 from .compat import check_transformers_version
-from .method_energy import SpectrumSettings
 from .methods import BUDGET_RULES, SELECTORS, all_methods
 from .sequence_compaction import POSITION_POLICIES
 from .settings import BudgetRule, Settings, TokenSelector, setting
+from .spectral_rules import SpectrumSettings
 
 check_transformers_version()  # before any class is defined: the remote code's first contact with the installed library
 
@@ -32,8 +32,11 @@ class CoreSettings(Settings):
     enabled: bool = setting(True, "off: the model behaves exactly like the stock one")
     budget_mode: str = setting(
         "energy",
-        "the budget rule, a registered name: 'energy' (E-AdaPrune: each image's budget from its spectrum) or "
-        "'fixed' (every image keeps fixed_tokens, the fixed-budget baseline with the same selector)",
+        "the budget rule, a registered name: 'energy' (E-AdaPrune: each image keeps the smallest rank holding "
+        "energy_ratio of its spectral energy), 'fixed' (every image keeps fixed_tokens, the fixed-budget baseline "
+        "with the same selector), 'marginal' (one token per spectral component holding at least marginal_share of "
+        "the image's energy), 'floor' ('energy' but never below floor_fraction x fixed_tokens) or 'blend' "
+        "(between fixed_tokens and the 'energy' budget, by blend_weight)",
         choices=lambda: BUDGET_RULES,
     )
     selector: str = setting(

@@ -8,51 +8,17 @@ from typing import ClassVar
 
 import torch
 
-from .settings import BudgetRule, Settings, check_setting, is_number, setting
-from .spectral_budget import budgets_from_curves, energy_curves
+from .method_fixed import FixedBudget
+from .settings import is_number, setting
+from .spectral_budget import budgets_from_curves
+from .spectral_rules import SpectralBudgetRule
 
 
 @dataclass(frozen=True)
-class SpectrumSettings(Settings):
-    """Which features give a unit's spectrum, and how it is computed."""
-
-    spectrum_source: str = setting(
-        "vision",
-        "the matrix whose spectrum is taken: 'vision' (the vision tower's selected-layer patch features, i.e. the "
-        "projector's input, N x 1024 for LLaVA-1.5) or 'projected' (the projector's output)",
-        choices=("vision", "projected"),
-    )
-    center_spectrum: bool = setting(
-        True,
-        "subtract the image's mean token first (PCA-style); CLIP features share a large mean component that, "
-        "uncentred, takes most of the energy and gives every image a similar small budget",
-    )
-    spectrum_solver: str = setting(
-        "exact",
-        "'exact' (every eigenvalue of the N x N Gram matrix, in float32) or 'randomized' (the top randomized_rank "
-        "singular values by a range finder; total energy from the Frobenius norm)",
-        choices=("exact", "randomized"),
-    )
-    randomized_rank: int = setting(128, "singular values the randomized solver computes", minimum=1)
-    randomized_oversampling: int = setting(16, "extra sketch columns of the randomized solver", minimum=0)
-    randomized_power_iterations: int = setting(2, "power iterations of the randomized solver", minimum=0)
-
-    def curves(self, spectrum_features: torch.Tensor) -> torch.Tensor:
-        """Energy curves E(k) of (n, N, d) features under these settings: (n, N) float32."""
-        return energy_curves(
-            spectrum_features,
-            center=self.center_spectrum,
-            solver=self.spectrum_solver,
-            randomized_rank=self.randomized_rank,
-            randomized_oversampling=self.randomized_oversampling,
-            randomized_power_iterations=self.randomized_power_iterations,
-        )
-
-
-@dataclass(frozen=True)
-class EnergyBudget(SpectrumSettings, BudgetRule):
+class EnergyBudget(SpectralBudgetRule):
     """E-AdaPrune (Energy-guided adaptive pruning, arXiv 2603.05950): a unit's budget is the smallest k with
-    E(k) >= energy_ratio, clamped to [min_tokens, max_tokens]; plain images keep few tokens, dense ones many."""
+    E(k) >= energy_ratio, clamped to [min_tokens, max_tokens]; plain images keep few tokens, dense ones many.
+    One tau gives every image the same fraction of its energy."""
 
     name: ClassVar[str] = "energy"
     calibrated_setting: ClassVar[str | None] = "energy_ratio"
@@ -63,21 +29,18 @@ class EnergyBudget(SpectrumSettings, BudgetRule):
         check=lambda value: is_number(value) and 0 < value <= 1,
         expected="a number in (0, 1]",
     )
-    min_tokens: int = setting(16, "smallest budget of an image (LLaVA-NeXT: of a budget unit)", minimum=1)
-    max_tokens: int | None = setting(
-        None, "largest budget of an image (LLaVA-NeXT: of a budget unit); None: its token count", minimum=1
-    )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_setting(
-            "max_tokens",
-            self.max_tokens is None or self.max_tokens >= self.min_tokens,
-            f"None or an integer >= min_tokens ({self.min_tokens})",
-            self.max_tokens,
-        )
+    def budgets_from_curves(self, curves: torch.Tensor) -> torch.LongTensor:
+        return budgets_from_curves(curves, self.energy_ratio, min_tokens=self.min_tokens, max_tokens=self.max_tokens)
 
-    def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
-        return budgets_from_curves(
-            self.curves(spectrum_features), self.energy_ratio, min_tokens=self.min_tokens, max_tokens=self.max_tokens
-        )
+    def calibration_values(self, curves: torch.Tensor) -> torch.Tensor:
+        return curves
+
+
+@dataclass(frozen=True)
+class TargetedEnergyBudget(EnergyBudget, FixedBudget):
+    """Base of the rules that shape E-AdaPrune's budget around a target mean ('floor', 'blend'): fixed_tokens is
+    that mean; calibration sets it to the target and then finds the tau that meets it."""
+
+    target_setting: ClassVar[str | None] = "fixed_tokens"
+    calibrated_setting: ClassVar[str | None] = "energy_ratio"

@@ -18,7 +18,11 @@ class FixedBudget(BudgetRule):
     name: ClassVar[str] = "fixed"
     target_setting: ClassVar[str | None] = "fixed_tokens"
 
-    fixed_tokens: int = setting(64, "budget of every image (or budget unit) with budget_mode 'fixed'", minimum=1)
+    fixed_tokens: int = setting(
+        64,
+        "budget of every image (or budget unit) with budget_mode 'fixed'; the target mean of 'floor' and 'blend'",
+        minimum=1,
+    )
 
     def budgets(self, spectrum_features: torch.Tensor) -> torch.LongTensor:
         n_units, n_tokens = spectrum_features.shape[:2]

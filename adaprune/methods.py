@@ -11,10 +11,13 @@ from contextlib import contextmanager
 
 from .method_adaptprune import AdaptPruneSelector
 from .method_autoprune import AutoPruneSelector
+from .method_blend import BlendBudget
 from .method_cls_attention import ClsAttentionSelector
 from .method_energy import EnergyBudget
 from .method_fastv import FastVSelector
 from .method_fixed import FixedBudget
+from .method_floor import FloorBudget
+from .method_marginal import MarginalBudget
 from .method_uniform import UniformSelector
 from .settings import BudgetRule, PruningMethod, TokenSelector
 
@@ -72,6 +75,9 @@ def all_methods() -> list[type[PruningMethod]]:
 
 register(EnergyBudget)
 register(FixedBudget)
+register(MarginalBudget)
+register(FloorBudget)
+register(BlendBudget)
 register(ClsAttentionSelector)
 register(UniformSelector)
 register(FastVSelector)

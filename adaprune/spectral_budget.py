@@ -113,6 +113,14 @@ def energy_curves(
     return torch.where(no_energy, torch.ones_like(curves), curves)
 
 
+def clamped_budgets(
+    budgets: torch.Tensor, n_tokens: int, *, min_tokens: int = 1, max_tokens: int | None = None
+) -> torch.Tensor:
+    """Budgets clamped to [min_tokens, max_tokens] and to the unit's N tokens (the upper bound wins)."""
+    upper = n_tokens if max_tokens is None else min(max_tokens, n_tokens)
+    return budgets.clamp(min=min(min_tokens, upper), max=upper)
+
+
 def budgets_from_curves(
     curves: torch.Tensor,
     energy_ratio: float,
@@ -121,7 +129,25 @@ def budgets_from_curves(
     max_tokens: int | None = None,
 ) -> torch.Tensor:
     """Smallest k with E(k) >= energy_ratio, clamped to [min_tokens, max_tokens] and to N: (n, N) -> (n,) long."""
-    n_tokens = curves.shape[-1]
     budgets = (curves < energy_ratio).sum(-1) + 1
-    upper = n_tokens if max_tokens is None else min(max_tokens, n_tokens)
-    return budgets.clamp(min=min(min_tokens, upper), max=upper)
+    return clamped_budgets(budgets, curves.shape[-1], min_tokens=min_tokens, max_tokens=max_tokens)
+
+
+def component_shares(curves: torch.Tensor) -> torch.Tensor:
+    """Each component's share of its unit's energy, s_k^2 / sum_i s_i^2 = E(k) - E(k-1): (n, N) -> (n, N) >= 0.
+
+    Differences of the float32 curve: a share is exact to about eps32 of the total energy."""
+    return torch.diff(curves, dim=-1, prepend=torch.zeros_like(curves[..., :1])).clamp_min(0)
+
+
+def budgets_from_shares(
+    curves: torch.Tensor,
+    marginal_share: float,
+    *,
+    min_tokens: int = 1,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """Number of components holding at least `marginal_share` of their unit's energy, clamped to [min_tokens,
+    max_tokens] and to N: (n, N) curves -> (n,) long."""
+    budgets = (component_shares(curves) >= marginal_share).sum(-1)
+    return clamped_budgets(budgets, curves.shape[-1], min_tokens=min_tokens, max_tokens=max_tokens)

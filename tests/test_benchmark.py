@@ -16,7 +16,7 @@ from support.oracle import load_pruned
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from adaprune.method_fixed import FixedBudget
-from adaprune.methods import registered
+from adaprune.methods import BUDGET_RULES, registered
 from adaprune.tools.benchmark import _features_cut_to, _shortened_inputs, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,11 +37,11 @@ def test_quick_run_writes_json_with_every_measurement(quick_run: tuple[int, Path
 
     rows = results["end_to_end"]["rows"]
     measured = {(row["batch_size"], row["variant"], row["target"]) for row in rows}
-    variants = {(size, name, target) for size in (1, 2) for name in ("energy", "fixed", "ideal") for target in (8, 16)}
+    variants = {(size, name, target) for size in (1, 2) for name in (*BUDGET_RULES, "ideal") for target in (8, 16)}
     in_llm = {
         (size, f"{rule}·{selector}", target)
         for size in (1, 2)
-        for rule in ("energy", "fixed")
+        for rule in BUDGET_RULES
         for selector in ("fastv", "adaptprune", "autoprune")
         for target in (8, 16)
     }

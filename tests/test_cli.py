@@ -160,6 +160,33 @@ def test_calibrate_meets_the_target_as_the_model_computes_budgets(
     assert len(set(budgets)) > 3, "the sample images should get clearly different budgets"
 
 
+@pytest.mark.parametrize(("budget_mode", "setting", "shown"), [("marginal", "marginal_share", "`marginal_share`")])
+def test_calibrate_sets_the_checkpoints_own_budget_rule(
+    converted: SimpleNamespace,
+    images_dir: Path,
+    image_paths: list[Path],
+    tmp_path: Path,
+    budget_mode: str,
+    setting: str,
+    shown: str,
+) -> None:
+    """A checkpoint whose budget rule is not 'energy' gets its own setting calibrated and written, and its model
+    card names that setting."""
+    checkpoint = shutil.copytree(converted.dir, tmp_path / "checkpoint")
+    argv = ["calibrate", checkpoint, images_dir, "--target-mean-tokens", TARGET, "--budget-mode", budget_mode]
+    code, out, err = run_cli([*argv, "--write-config", "--output-dir", tmp_path / "plots"])
+    assert code == 0, err
+    config = json.loads((checkpoint / "config.json").read_text())
+    stats = json.loads((tmp_path / "plots" / "calibration.json").read_text())["statistics"]
+    assert (
+        config["budget_mode"] == budget_mode and config[setting] == stats[setting] == stats[stats["calibrated_setting"]]
+    )
+    assert f"calibrated {setting} (lambda) = {stats[setting]} on 7 images" in out
+    budgets = image_budgets(checkpoint, image_paths)
+    assert abs(sum(budgets) / len(budgets) - TARGET) <= 1
+    assert f"{shown} = {stats[setting]} was calibrated" in ModelCard.load(checkpoint / "README.md").text
+
+
 def test_calibrate_reports_statistics_and_writes_plots(calibrated: SimpleNamespace) -> None:
     stats = calibrated.record["statistics"]
     assert stats["n_images"] == 7 and stats["target_mean_tokens"] == TARGET
@@ -455,7 +482,7 @@ BAD_ARGUMENTS = [
     ),
     (
         ["calibrate", "{converted}", "{images}", "--target-mean-tokens", "12", "--budget-mode", "fixed"],
-        "pass --budget-mode energy",
+        "pass --budget-mode with one of ['energy', 'marginal', 'floor', 'blend']",
     ),
     (
         ["calibrate", "{stock}", "{images}", "--target-mean-tokens", "12", "--write-config"],

@@ -47,6 +47,9 @@ DOCUMENTED_DEFAULTS = {
     "autoprune_midpoint": 14.9,
     "autoprune_base_slope": 0.4,
     "autoprune_mi_gain": 0.2,
+    "marginal_share": 0.01,
+    "floor_fraction": 0.5,
+    "blend_weight": 0.5,
     "position_policy": "compact",
 }
 
@@ -76,6 +79,9 @@ NON_DEFAULT_SETTINGS = {
     "autoprune_midpoint": 10.0,
     "autoprune_base_slope": 0.3,
     "autoprune_mi_gain": 0.1,
+    "marginal_share": 0.05,
+    "floor_fraction": 0.25,
+    "blend_weight": 0.75,
     "position_policy": "original",
 }
 
@@ -84,6 +90,9 @@ BOOLEAN = "True or False"
 BAD_VALUES = [
     *[("energy_ratio", value, "a number in (0, 1]") for value in (0, -0.1, 1.5, "0.5", True)],
     *[("min_tokens", value, INTEGER_AT_LEAST_ONE) for value in (0, 2.5)],
+    *[("marginal_share", value, "a number in (0, 1]") for value in (0, 1.01, "0.1")],
+    *[("floor_fraction", value, "a number in (0, 1]") for value in (0, -1)],
+    *[("blend_weight", value, "a number in [0, 1]") for value in (-0.5, 2, None)],
     ("max_tokens", 3, "None or an integer >= min_tokens (16)"),
     ("budget_mode", "x", f"one of {list(BUDGET_RULES)}"),
     ("spectrum_solver", "svd", "one of ['exact', 'randomized']"),

@@ -405,13 +405,14 @@ def _end_to_end(
                 Variant(f"{rule.name}·{selector}", target, {**settings, "selector": selector, "prune_layer": layer})
                 for selector in LANGUAGE_SELECTORS
             ]
-            if result is not None:
+            if result is not None and rule.name == SUBJECT:
                 calibration[str(target)] = {
-                    "energy_ratio": result.energy_ratio,
+                    **result.settings,
                     "budgets": list(result.budgets),
                     "mean_budget": result.mean_tokens,
                 }
-                log(f"calibrated mean {target}: tau {result.energy_ratio}, budgets {list(result.budgets)}")
+            if result is not None:
+                log(f"calibrated {rule.name} at mean {target}: {result.settings}, budgets {list(result.budgets)}")
             if rule.name == SUBJECT:
                 variants.append(Variant("ideal", target, {**settings, "selector": vision_selector}))
         variants += in_llm

@@ -54,8 +54,9 @@ def save_overlays(panels: Sequence[tuple[str, Image.Image]], path: Path, columns
     return _save(figure, path)
 
 
-def save_budget_histogram(budgets: Sequence[int], energy_ratio: float, target: float | None, path: Path) -> Path:
-    """Histogram of the per-image budgets, with their mean (and the target, if any) marked."""
+def save_budget_histogram(budgets: Sequence[int], setting: str, target: float | None, path: Path) -> Path:
+    """Histogram of the per-image budgets, with their mean (and the target, if any) marked; `setting` names the
+    setting that gave them (e.g. "energy_ratio 0.9")."""
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
     axes = figure.add_subplot()
     values = np.asarray(budgets)
@@ -66,15 +67,16 @@ def save_budget_histogram(budgets: Sequence[int], energy_ratio: float, target: f
         axes.axvline(target, color="black", linestyle="--", label=f"target {target:g}")
     axes.set_xlabel("tokens kept per image")
     axes.set_ylabel("images")
-    axes.set_title(f"Per-image budgets at energy ratio {energy_ratio:g} ({len(values)} images)")
+    axes.set_title(f"Per-image budgets at {setting} ({len(values)} images)")
     axes.legend()
     return _save(figure, path)
 
 
 def save_energy_curves(
-    curves: Mapping[str, Sequence[np.ndarray]], budgets: Mapping[str, int], energy_ratio: float, path: Path
+    curves: Mapping[str, Sequence[np.ndarray]], budgets: Mapping[str, int], energy_ratio: float | None, path: Path
 ) -> Path:
-    """Energy curves E(k) of a few images (every budget unit of an image in its colour), tau and each budget."""
+    """Energy curves E(k) of a few images (every budget unit of an image in its colour), each budget, and tau when
+    the budget rule has one."""
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
     axes = figure.add_subplot()
     for index, (name, units) in enumerate(curves.items()):
@@ -83,7 +85,8 @@ def save_energy_curves(
             ks = np.arange(1, len(curve) + 1)
             axes.plot(ks, curve, color=colour, label=f"{name}: {budgets[name]} tokens" if unit == 0 else None)
         axes.axvline(budgets[name], color=colour, linestyle=":", linewidth=1)
-    axes.axhline(energy_ratio, color="black", linestyle="--", linewidth=1, label=f"energy ratio {energy_ratio:g}")
+    if energy_ratio is not None:
+        axes.axhline(energy_ratio, color="black", linestyle="--", linewidth=1, label=f"energy ratio {energy_ratio:g}")
     axes.set_xscale("log")
     axes.set_ylim(0, 1.02)
     axes.set_xlabel("k (top singular values kept)")

@@ -29,13 +29,15 @@ from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, Proce
 
 from adaprune.anyres_layout import config_packed_layout, patch_boxes
 from adaprune.configuration_adaprune import AdaPruneConfig, AdaPruneLlavaNextConfig, PruningSettings, settings_class_for
+from adaprune.methods import BUDGET_RULES
 from adaprune.modeling_adaprune import (
     AdaPruneImageFeaturesOutput,
     AdaPruneLlavaForConditionalGeneration,
     AdaPruneLlavaNextForConditionalGeneration,
 )
+from adaprune.spectral_rules import SpectralBudgetRule
 
-from .calibration import Calibration, UnitCurves, calibrate_energy_ratio
+from .calibration import Calibration, UnitCurves, calibrate
 from .model_card import (
     base_model_id,
     base_model_license,
@@ -386,10 +388,15 @@ class CalibrationRun:
     files: list[Path]
 
 
+SETTING_SYMBOLS = {"energy_ratio": "tau", "marginal_share": "lambda"}
+
+
 def print_budget_report(stats: Mapping[str, Any]) -> None:
-    """Target, tau and the spread of the budgets (`Calibration.statistics()`), in two lines."""
+    """Target, the calibrated setting and the spread of the budgets (`Calibration.statistics()`), in two lines."""
+    setting = stats["calibrated_setting"]
+    symbol = f" ({SETTING_SYMBOLS[setting]})" if setting in SETTING_SYMBOLS else ""
     print(
-        f"calibrated energy_ratio (tau) = {stats['energy_ratio']} on {stats['n_images']} images: mean budget "
+        f"calibrated {setting}{symbol} = {stats[setting]} on {stats['n_images']} images: mean budget "
         f"{stats['mean']:.2f} tokens (target {stats['target_mean_tokens']:g}), on average "
         f"{stats['mean_kept_fraction']:.1%} of an image's tokens"
     )
@@ -399,18 +406,21 @@ def print_budget_report(stats: Mapping[str, Any]) -> None:
     )
 
 
-def _require_energy_mode(settings: PruningSettings) -> None:
-    """Calibration sets the energy ratio, which only the energy budget mode uses."""
-    if settings.budget_mode != "energy":
+def _calibrated_rule(settings: PruningSettings) -> SpectralBudgetRule:
+    """The budget rule calibration searches a setting of (energy_ratio for 'energy', ...)."""
+    rule = settings.budget_rule
+    if not isinstance(rule, SpectralBudgetRule) or rule.calibrated_setting is None:
+        calibrated = [name for name, method in BUDGET_RULES.items() if method.calibrated_setting is not None]
         raise UsageError(
-            f"calibration finds the energy ratio, but budget_mode is {settings.budget_mode!r}; "
-            "pass --budget-mode energy"
+            f"calibration searches a setting of the budget rule, but budget_mode {settings.budget_mode!r} has none "
+            f"to search; pass --budget-mode with one of {calibrated}"
         )
+    return rule
 
 
 def check_calibration_request(source: str, overrides: Mapping[str, Any], write_config: bool) -> None:
     """The checks `calibrate_checkpoint` makes, from config.json alone, so bad requests fail before loading."""
-    _require_energy_mode(checked_settings(read_source_config(source, "MODEL"), overrides, source))
+    _calibrated_rule(checked_settings(read_source_config(source, "MODEL"), overrides, source))
     if write_config:
         require_converted_directory(source)
 
@@ -440,15 +450,13 @@ def calibrate_checkpoint(
     model, prints the statistics, and writes calibration.json and the plots to `output_dir`. With `write_config`
     it stores tau (and the other settings used) in the checkpoint's config.json and the record next to it, and
     re-renders the checkpoint's card."""
-    settings = loaded.model.config.pruning
-    _require_energy_mode(settings)
+    rule = _calibrated_rule(loaded.model.config.pruning)
     if write_config:
         require_converted_directory(loaded.source)
     curves = collect_energy_curves(loaded, images, batch_size)
-    calibration = calibrate_energy_ratio(
-        UnitCurves.from_images(curves), target_mean_tokens, settings.min_tokens, settings.max_tokens
-    )
-    loaded.model.config.energy_ratio = calibration.energy_ratio
+    calibration = calibrate(rule, UnitCurves.from_images(curves), target_mean_tokens)
+    for name, value in calibration.settings.items():
+        setattr(loaded.model.config, name, value)
     record = {
         "statistics": calibration.statistics(),
         "settings": loaded.model.config.pruning.as_dict(),
@@ -463,12 +471,15 @@ def calibrate_checkpoint(
     files = [
         output_dir / "calibration.json",
         save_budget_histogram(
-            calibration.budgets, calibration.energy_ratio, target_mean_tokens, output_dir / "budget_histogram.png"
+            calibration.budgets,
+            f"{calibration.setting} {calibration.value:g}",
+            target_mean_tokens,
+            output_dir / "budget_histogram.png",
         ),
         save_energy_curves(
             {images.names[index]: [curve.numpy() for curve in curves[index]] for index in chosen},
             {images.names[index]: calibration.budgets[index] for index in chosen},
-            calibration.energy_ratio,
+            calibration.settings.get("energy_ratio"),
             output_dir / "energy_curves.png",
         ),
     ]
@@ -635,15 +646,22 @@ def inspect_image(
                 title, overlay, schedule.after_layer, schedule.seen_by_layer, budget, overlay_path
             )
     result = Inspection(budget, tokens, answers, timings, overlay_path, schedule)
-    print_inspection(image_path.name, model.config.energy_ratio, result, repeats)
+    print_inspection(image_path.name, budget_rule_label(model.config.pruning), result, repeats)
     return result
 
 
-def print_inspection(name: str, energy_ratio: float, result: Inspection, repeats: int) -> None:
+def budget_rule_label(settings: PruningSettings) -> str:
+    """The budget rule and the settings that set its budgets' size, e.g. "energy (energy_ratio 0.9)"."""
+    rule = settings.budget_rule
+    names = [name for name in (rule.target_setting, rule.calibrated_setting) if name is not None]
+    return f"{rule.name} ({', '.join(f'{name} {getattr(rule, name):g}' for name in names)})" if names else rule.name
+
+
+def print_inspection(name: str, budget_rule: str, result: Inspection, repeats: int) -> None:
     """The inspection as a small table: pruned and unpruned side by side."""
     print(
         f"{name}: {result.budget} of {result.tokens} visual tokens kept ({result.budget / result.tokens:.1%}) "
-        f"at energy_ratio {energy_ratio:g}"
+        f"with budget_mode {budget_rule}"
     )
     print(f"  {'':<9} {'prefill':>9}  answer")
     for label in ("pruned", "unpruned"):
