@@ -55,16 +55,22 @@ def test_every_rule_and_selector_runs_at_every_target(evaluated: tuple[dict, Pat
             assert entry["kept_tokens"]["mean"] == synthetic_vqa.GRID**2
 
 
-def test_energy_budgets_are_calibrated_to_the_target_on_the_calibration_split(
+def test_adaptive_budgets_are_calibrated_to_the_target_on_the_calibration_split(
     evaluated: tuple[dict, Path, str],
 ) -> None:
     results, _, _ = evaluated
-    for target in TARGETS:
-        calibration = results["calibrations"][f"energy@{target}"]
-        assert abs(calibration["mean"] - target) <= 1 and calibration["n_images"] == 120
-        energy = [entry for entry in results["variants"] if entry["rule"] == "energy" and entry["target"] == target]
-        assert {entry["settings"]["energy_ratio"] for entry in energy} == {calibration["energy_ratio"]}
-        assert all(entry["kept_tokens"]["std"] > 0 for entry in energy)  # budgets differ between images
+    calibrated = [rule for rule in BUDGET_RULES.values() if rule.calibrated_setting is not None]
+    assert len(calibrated) >= 4
+    for rule in calibrated:
+        for target in TARGETS:
+            calibration = results["calibrations"][f"{rule.name}@{target}"]
+            assert abs(calibration["mean"] - target) <= 1 and calibration["n_images"] == 120
+            variants = [
+                entry for entry in results["variants"] if entry["rule"] == rule.name and entry["target"] == target
+            ]
+            setting = rule.calibrated_setting
+            assert {entry["settings"][setting] for entry in variants} == {calibration[setting]}
+            assert all(entry["kept_tokens"]["std"] > 0 for entry in variants)  # budgets differ between images
 
 
 def test_each_variant_is_compared_with_the_fixed_budget_of_its_selector_and_the_uniform_one(
@@ -80,6 +86,28 @@ def test_each_variant_is_compared_with_the_fixed_budget_of_its_selector_and_the_
     assert difference["difference"] == pytest.approx(
         by_name[("energy · uniform", 16)] - by_name[("fixed · uniform", 16)]
     )
+    buckets = difference["by_density"]
+    assert sum(bucket["n"] for bucket in buckets.values()) == 40
+    assert sum(bucket["difference"] * bucket["n"] for bucket in buckets.values()) / 40 == pytest.approx(
+        difference["difference"]
+    )
+
+
+def test_the_report_compares_every_rule_with_fixed_and_the_default_per_bucket(
+    evaluated: tuple[dict, Path, str],
+) -> None:
+    results, output, _ = evaluated
+    report = (output / "results.md").read_text()
+    adaptive = [name for name in BUDGET_RULES if name != "fixed"]
+    assert f"| mean | selector | {' | '.join(adaptive)} |" in report
+    for target in TARGETS:
+        for selector in SELECTORS:
+            assert f"| {target} | {selector} |" in report
+    assert "Never below the fixed budget with confidence:" in report
+    assert "### The default rule (`energy`) against the fixed budget, per density bucket" in report
+    assert "| mean | selector | all | sparse | medium | dense |" in report
+    entry = results["comparisons"]["marginal · cls_attention @ 8"]["fixed · cls_attention"]
+    assert f"{100 * entry['difference']:+.1f} ({100 * entry['low']:+.1f} … {100 * entry['high']:+.1f})" in report
 
 
 def test_the_report_table_and_plot_are_written(evaluated: tuple[dict, Path, str]) -> None:
@@ -117,6 +145,11 @@ def test_a_registered_rule_is_evaluated_without_new_code() -> None:
         assert [variant.selector for variant in toy] == list(SELECTORS)
         run = run_variant(loaded.model, loaded.processor, toy[0], list(synthetic_vqa.samples("test", 4)), batch_size=4)
     assert run.kept_tokens == [8] * 4
+    only, _ = matched_variants(curves, [8, 16], 1, print, budget_modes=["fixed", "marginal"], selectors=["uniform"])
+    assert [(variant.name, variant.target) for variant in only] == [
+        ("all tokens", None),
+        *((f"{rule} · uniform", target) for target in (8, 16) for rule in ("fixed", "marginal")),
+    ]
     # a rule that declares no way to meet a target is reported and left out, never run at the wrong budget
     assert "toy_halving" not in {variant.rule for variant in variants}
 
@@ -127,6 +160,8 @@ def test_a_registered_rule_is_evaluated_without_new_code() -> None:
         (["--questions", "0"], "argument --questions: expected a whole number >= 1, got '0'"),
         (["--targets", "-4"], "argument --targets: expected a number > 0, got '-4'"),
         (["/no/such/dir"], "MODEL '/no/such/dir' does not exist"),
+        (["--budget-modes", "nope"], "argument --budget-modes: invalid choice: 'nope'"),
+        (["--selectors", "energy"], "argument --selectors: invalid choice: 'energy'"),
     ],
 )
 def test_bad_arguments_end_with_one_line(argv: list[str], message: str) -> None:

@@ -1,6 +1,6 @@
 """Measured accuracy: a checkpoint on the synthetic visual-question task, pruned and unpruned, at matched budgets.
 
-    adaprune eval [MODEL] [--targets 8 16 32 64] [--questions 2000] [--calibration-questions 500]
+    adaprune eval [MODEL] [--targets 4 8 16 32 64] [--questions 2000] [--calibration-questions 500]
 
 MODEL is any LLaVA or adaprune checkpoint (directory or Hub id; default: the built-in model). For every target mean
 number of kept tokens per image, every registered budget rule is set to meet it on the calibration split (the
@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
+from adaprune.configuration_adaprune import PruningSettings
 from adaprune.methods import BUDGET_RULES, SELECTORS
 
 from . import synthetic_vqa
@@ -55,7 +56,7 @@ END = "<!-- end of the generated results -->"
 Z_95 = 1.959963984540054
 REFERENCE_RULE = "fixed"
 REFERENCE_SELECTOR = "uniform"
-DEFAULT_TARGETS = (8, 16, 32, 64)
+DEFAULT_TARGETS = (4, 8, 16, 32, 64)
 
 
 # --- statistics ---------------------------------------------------------------------------------------------------
@@ -158,13 +159,19 @@ def questions_image_set(questions: Sequence[synthetic_vqa.Sample]) -> ImageSet:
 
 
 def matched_variants(
-    curves: UnitCurves, targets: Sequence[float], min_tokens: int, log: Callable[[str], None]
+    curves: UnitCurves,
+    targets: Sequence[float],
+    min_tokens: int,
+    log: Callable[[str], None],
+    budget_modes: Sequence[str] | None = None,
+    selectors: Sequence[str] | None = None,
 ) -> tuple[list[Variant], dict[str, Any]]:
-    """The unpruned model, then every (budget rule, selector) at every target mean; and each calibration."""
+    """The unpruned model, then every (budget rule, selector) at every target mean; and each calibration.
+    `budget_modes`, `selectors`: only these registered names (default: all)."""
     variants = [Variant("all tokens", {"enabled": False})]
     calibrations: dict[str, Any] = {}
     for target in targets:
-        for rule in BUDGET_RULES.values():
+        for rule in (BUDGET_RULES[name] for name in budget_modes or BUDGET_RULES):
             try:
                 settings, calibration = settings_for_target(rule, curves, target, min_tokens)
             except CalibrationError as error:
@@ -172,7 +179,7 @@ def matched_variants(
                 continue
             if calibration is not None:
                 calibrations[f"{rule.name}@{target:g}"] = calibration.statistics()
-            for selector in SELECTORS:
+            for selector in selectors or SELECTORS:
                 variants.append(
                     Variant(
                         f"{rule.name} · {selector}",
@@ -285,10 +292,24 @@ def summarize(run: VariantRun, questions: Sequence[synthetic_vqa.Sample]) -> dic
     }
 
 
-def comparisons(runs: Sequence[VariantRun]) -> dict[str, dict[str, Any]]:
+def comparisons(runs: Sequence[VariantRun], questions: Sequence[synthetic_vqa.Sample]) -> dict[str, dict[str, Any]]:
     """For each pruned variant, its paired difference against the fixed rule at the same target with the same
-    selector, and with the uniform selector (each where it is not the variant itself)."""
+    selector, and with the uniform selector (each where it is not the variant itself); each also per density
+    bucket (`by_density`)."""
     by_key = {(run.variant.rule, run.variant.selector, run.variant.target): run for run in runs}
+    buckets = {name: [question.density == name for question in questions] for name in synthetic_vqa.DENSITIES}
+
+    def compared(subject: Sequence[bool], reference: Sequence[bool]) -> dict[str, Any]:
+        by_density = {
+            name: paired_difference(
+                [ok for ok, inside in zip(subject, members) if inside],
+                [ok for ok, inside in zip(reference, members) if inside],
+            )
+            for name, members in buckets.items()
+            if any(members)
+        }
+        return {**paired_difference(subject, reference), "by_density": by_density}
+
     result: dict[str, dict[str, Any]] = {}
     for run in runs:
         if run.variant.rule is None:
@@ -297,7 +318,7 @@ def comparisons(runs: Sequence[VariantRun]) -> dict[str, dict[str, Any]]:
         for selector in dict.fromkeys([run.variant.selector, REFERENCE_SELECTOR]):
             reference = by_key.get((REFERENCE_RULE, selector, run.variant.target))
             if reference is not None and reference is not run:
-                entries[reference.variant.name] = paired_difference(run.correct, reference.correct)
+                entries[reference.variant.name] = compared(run.correct, reference.correct)
         result[f"{run.variant.name} @ {run.variant.target:g}"] = entries
     return result
 
@@ -312,16 +333,19 @@ def evaluate(
     batch_size: int = 32,
     label: str | None = None,
     log: Callable[[str], None] = print,
+    budget_modes: Sequence[str] | None = None,
+    selectors: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluates `source` on the first `questions` of the test split at every target mean; returns the results
     (JSON-ready): settings, machine, calibrations, one summary per variant and the paired comparisons. `label`
-    names the model in the report (default: `source`)."""
+    names the model in the report (default: `source`); `budget_modes`, `selectors` restrict the variants to these
+    registered names (default: all)."""
     loaded = load_model(source, {})
     test = list(synthetic_vqa.samples("test", questions))
     calibration_set = list(synthetic_vqa.samples("calibration", calibration_questions))
     machine = machine_info(loaded.model.device)
     curves = UnitCurves.from_images(collect_energy_curves(loaded, questions_image_set(calibration_set), batch_size))
-    variants, calibrations = matched_variants(curves, targets, min_tokens, log)
+    variants, calibrations = matched_variants(curves, targets, min_tokens, log, budget_modes, selectors)
     images = [question.image() for question in test]
     runs = []
     for variant in tqdm(variants, desc="variants", unit="variant"):
@@ -342,7 +366,7 @@ def evaluate(
         "machine": machine,
         "calibrations": calibrations,
         "variants": [summarize(run, test) for run in runs],
-        "comparisons": comparisons(runs),
+        "comparisons": comparisons(runs, test),
         "text_only_accuracy": text_only_accuracy(test, list(synthetic_vqa.samples("train", 20000))),
     }
 
@@ -374,6 +398,73 @@ def _signed(entry: dict[str, Any]) -> str:
     return f"{100 * entry['difference']:+.1f} ({100 * entry['low']:+.1f} … {100 * entry['high']:+.1f})"
 
 
+def _marked(entry: dict[str, Any]) -> str:
+    """`_signed` with ▲ when the interval lies above zero and ▼ when below."""
+    mark = " ▲" if entry["low"] > 0 else " ▼" if entry["high"] < 0 else ""
+    return _signed(entry) + mark
+
+
+def rules_against_fixed(results: dict[str, Any]) -> list[str]:
+    """Every adaptive rule against the fixed budget with the same selector at every mean (one table), which rules
+    never lose to it with confidence, and the default rule's differences per density bucket."""
+    reference = f"{REFERENCE_RULE} · "
+    pairs: dict[tuple[float, str], dict[str, dict[str, Any]]] = {}
+    for entry in results["variants"]:
+        if entry["rule"] in (None, REFERENCE_RULE):
+            continue
+        difference = results["comparisons"][f"{entry['name']} @ {entry['target']:g}"].get(reference + entry["selector"])
+        if difference is not None:
+            pairs.setdefault((entry["target"], entry["selector"]), {})[entry["rule"]] = difference
+    if not pairs:
+        return []
+    rules = list(dict.fromkeys(rule for cells in pairs.values() for rule in cells))
+    rows = [
+        [f"{target:g}", selector, *(_marked(cells[rule]) if rule in cells else "—" for rule in rules)]
+        for (target, selector), cells in pairs.items()
+    ]
+    never_worse = [rule for rule in rules if all(cells[rule]["high"] >= 0 for cells in pairs.values() if rule in cells)]
+    wins = {rule: sum(cells[rule]["low"] > 0 for cells in pairs.values() if rule in cells) for rule in rules}
+    losses = {rule: sum(cells[rule]["high"] < 0 for cells in pairs.values() if rule in cells) for rule in rules}
+    lines = [
+        "### Budget rules against the fixed budget",
+        "",
+        (
+            f"Paired Δ accuracy against `{REFERENCE_RULE}` with the same selector at the same mean, in percentage "
+            "points with a 95% interval; ▲ / ▼: the interval lies above / below zero."
+        ),
+        "",
+        markdown_table(["mean", "selector", *rules], rows),
+        "",
+        "Intervals above zero (wins) and below zero (losses) out of "
+        f"{len(pairs)} (mean, selector) cells: "
+        + "; ".join(f"`{rule}` {wins[rule]} wins, {losses[rule]} losses" for rule in rules)
+        + ". Never below the fixed budget with confidence: "
+        + (", ".join(f"`{rule}`" for rule in never_worse) or "none")
+        + ".",
+        "",
+    ]
+    default = PruningSettings.defaults()["budget_mode"]
+    if any(default in cells for cells in pairs.values()):
+        densities = list(synthetic_vqa.DENSITIES)
+        rows = [
+            [
+                f"{target:g}",
+                selector,
+                _marked(cells[default]),
+                *(_marked(cells[default]["by_density"][name]) for name in densities),
+            ]
+            for (target, selector), cells in pairs.items()
+            if default in cells
+        ]
+        lines += [
+            f"### The default rule (`{default}`) against the fixed budget, per density bucket",
+            "",
+            markdown_table(["mean", "selector", "all", *densities], rows),
+            "",
+        ]
+    return lines
+
+
 def markdown(results: dict[str, Any], plot: str | None) -> str:
     """The report: settings, machine, one table per target mean, the unpruned model, and the text-only baseline."""
     densities = list(synthetic_vqa.DENSITIES)
@@ -383,7 +474,8 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         "",
         (
             f"Model: {results['model']}, {results['tokens_per_image']} visual tokens per image; "
-            f"{results['questions']} test questions, τ calibrated on {results['calibration_questions']} other ones; "
+            f"{results['questions']} test questions; each adaptive rule calibrated on "
+            f"{results['calibration_questions']} other ones; "
             f"min_tokens {results['min_tokens']}. Accuracy is exact match with a 95% Wilson interval; Δ is the "
             "paired difference in percentage points with a 95% interval."
         ),
@@ -395,6 +487,7 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         + f". A model that sees only the question (the most frequent training answer to each question): "
         f"{results['text_only_accuracy']:.1%}.",
         "",
+        *rules_against_fixed(results),
     ]
     for target in results["targets"]:
         rows = []
@@ -495,9 +588,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         nargs="+",
         default=list(DEFAULT_TARGETS),
-        help="mean kept tokens per image to match (default 8 16 32 64)",
+        help="mean kept tokens per image to match (default 4 8 16 32 64)",
     )
     parser.add_argument("--min-tokens", type=positive_int, default=1, help="smallest budget of an image (default 1)")
+    for flag, metavar, registry in (("--budget-modes", "RULE", BUDGET_RULES), ("--selectors", "SELECTOR", SELECTORS)):
+        parser.add_argument(
+            flag,
+            nargs="+",
+            choices=list(registry),
+            metavar=metavar,
+            help=f"only these (default: every registered one: {', '.join(registry)})",
+        )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per batch (default 32)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/eval"), help="default outputs/eval")
     parser.add_argument(
@@ -520,6 +621,8 @@ def run(args: argparse.Namespace) -> int:
         targets=args.targets,
         min_tokens=args.min_tokens,
         batch_size=args.batch_size,
+        budget_modes=args.budget_modes,
+        selectors=args.selectors,
     )
     results["command"] = getattr(args, "command_line", "adaprune eval")
     for path in write_report(results, args.output_dir, args.document):
