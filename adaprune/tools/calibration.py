@@ -101,7 +101,7 @@ class Calibration:
         return sum(self.budgets) / len(self.budgets)
 
     def statistics(self) -> dict[str, float | int | None]:
-        """Target, tau and the spread of the per-image budgets, as JSON-ready numbers."""
+        """Target, the rule and its settings, and the spread of the per-image budgets, as JSON-ready numbers."""
         return {
             "target_mean_tokens": self.target_mean_tokens,
             "budget_mode": self.rule,
