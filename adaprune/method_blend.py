@@ -19,7 +19,7 @@ class BlendBudget(TargetedEnergyBudget):
 
     Shrinkage towards the fixed budget (the project's own design): every image keeps at least w * fixed_tokens,
     so no plain image falls to min_tokens at a tight mean, while busy images still get more than plain ones.
-    At w = 0 it is 'energy' (without its floor), at w = 1 'fixed'."""
+    At w = 0 it is 'energy', at w = 1 'fixed' (both within [min_tokens, max_tokens])."""
 
     name: ClassVar[str] = "blend"
 

@@ -32,5 +32,6 @@ class FloorBudget(TargetedEnergyBudget):
     )
 
     def budgets_from_curves(self, curves: torch.Tensor) -> torch.LongTensor:
-        floor = max(self.min_tokens, math.ceil(self.floor_fraction * self.fixed_tokens))
+        # Rounded first so that a product like 0.14 * 50 = 7.000000000000001 gives 7, not 8.
+        floor = max(self.min_tokens, math.ceil(round(self.floor_fraction * self.fixed_tokens, 9)))
         return budgets_from_curves(curves, self.energy_ratio, min_tokens=floor, max_tokens=self.max_tokens)

@@ -7,7 +7,9 @@ budget and budgets are compared exactly.
 
 from __future__ import annotations
 
+import math
 import zlib
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -112,11 +114,12 @@ def test_blend_ends_are_energy_and_fixed(rng: np.random.Generator) -> None:
         assert torch.equal(blend.budgets(features), FixedBudget(fixed_tokens=9).budgets(features))
 
 
-@pytest.mark.parametrize(("fraction", "fixed_tokens"), [(0.5, 8), (0.25, 10), (1.0, 6)])
+@pytest.mark.parametrize(("fraction", "fixed_tokens"), [(0.5, 8), (0.25, 10), (1.0, 6), (0.14, 50)])
 def test_floor_keeps_energy_budgets_above_a_fraction_of_the_target(
     rng: np.random.Generator, fraction: float, fixed_tokens: int
 ) -> None:
-    floor = int(np.ceil(fraction * fixed_tokens))
+    """The floor is ceil(f * fixed_tokens) in exact decimal arithmetic (0.14 * 50 is 7, not float's 7.000...01)."""
+    floor = math.ceil(Fraction(str(fraction)) * fixed_tokens)
     for features in feature_batches(rng):
         curves = energy_curves(features)
         references = [reference_curve(matrix) for matrix in features]
