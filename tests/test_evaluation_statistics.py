@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from adaprune.tools.evaluation import normalized, paired_difference, proportion, spread
+from adaprune.tools.evaluation import normalized, paired_difference, proportion, rules_against_fixed, spread
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,32 @@ def test_kept_token_spread() -> None:
 @pytest.mark.parametrize(("raw", "expected"), [(" Red.", "red"), ("LEFT", "left"), ("3 ", "3"), ("yes .", "yes")])
 def test_answers_are_normalised_before_matching(raw: str, expected: str) -> None:
     assert normalized(raw) == expected
+
+
+def test_rules_against_fixed_counts_wins_and_losses_and_marks_missing_buckets() -> None:
+    """Hand-made comparisons: a win, a loss and a tie; the default's buckets without questions show a dash."""
+
+    def difference(low: float, high: float, **by_density: dict) -> dict:
+        return {"difference": (low + high) / 2, "low": low, "high": high, "by_density": by_density}
+
+    sparse_only = {"sparse": difference(-0.1, 0.1)}
+    cells = {
+        ("energy", 8): difference(0.01, 0.05, **sparse_only),
+        ("energy", 16): difference(-0.02, 0.02, **sparse_only),
+        ("marginal", 8): difference(-0.06, -0.01, **sparse_only),
+        ("marginal", 16): difference(-0.02, 0.02, **sparse_only),
+    }
+    results = {
+        "variants": [
+            {"name": f"{rule} · uniform", "rule": rule, "selector": "uniform", "target": target}
+            for rule, target in [*cells, ("fixed", 8), ("fixed", 16)]
+        ],
+        "comparisons": {
+            f"{rule} · uniform @ {target}": {"fixed · uniform": value} for (rule, target), value in cells.items()
+        },
+    }
+    report = "\n".join(rules_against_fixed(results))
+    assert "`energy` 1 wins, 0 losses; `marginal` 0 wins, 1 losses" in report
+    assert "Never below the fixed budget with confidence: `energy`." in report
+    assert "| 8 | uniform | +3.0 (+1.0 … +5.0) ▲ | -3.5 (-6.0 … -1.0) ▼ |" in report
+    assert "| 16 | uniform | +0.0 (-2.0 … +2.0) | +0.0 (-10.0 … +10.0) | — | — |" in report

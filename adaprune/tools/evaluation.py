@@ -4,9 +4,9 @@
 
 MODEL is any LLaVA or adaprune checkpoint (directory or Hub id; default: the built-in model). For every target mean
 number of kept tokens per image, every registered budget rule is set to meet it on the calibration split (the
-library's calibration, `settings_for_target`: a fixed rule takes the target, the energy rule a calibrated tau) and
-runs with every registered selector on the test split; the unpruned model runs once. A method that joins the
-registry is evaluated without new code here.
+library's calibration, `settings_for_target`: a fixed rule takes the target, an adaptive rule its calibrated
+setting) and runs with every registered selector on the test split; the unpruned model runs once. A method that
+joins the registry is evaluated without new code here.
 
 Reported per variant: exact-match accuracy overall, per density bucket and per question type with 95% Wilson
 intervals; the mean, spread and range of the kept tokens per image; the time per question (generation only); and
@@ -422,9 +422,9 @@ def rules_against_fixed(results: dict[str, Any]) -> list[str]:
         [f"{target:g}", selector, *(_marked(cells[rule]) if rule in cells else "—" for rule in rules)]
         for (target, selector), cells in pairs.items()
     ]
-    never_worse = [rule for rule in rules if all(cells[rule]["high"] >= 0 for cells in pairs.values() if rule in cells)]
     wins = {rule: sum(cells[rule]["low"] > 0 for cells in pairs.values() if rule in cells) for rule in rules}
     losses = {rule: sum(cells[rule]["high"] < 0 for cells in pairs.values() if rule in cells) for rule in rules}
+    never_worse = [rule for rule in rules if losses[rule] == 0]
     lines = [
         "### Budget rules against the fixed budget",
         "",
@@ -451,7 +451,10 @@ def rules_against_fixed(results: dict[str, Any]) -> list[str]:
                 f"{target:g}",
                 selector,
                 _marked(cells[default]),
-                *(_marked(cells[default]["by_density"][name]) for name in densities),
+                *(
+                    _marked(cells[default]["by_density"][name]) if name in cells[default]["by_density"] else "—"
+                    for name in densities
+                ),
             ]
             for (target, selector), cells in pairs.items()
             if default in cells
